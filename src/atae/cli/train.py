@@ -1,0 +1,3 @@
+"""CLI commands (filled in by its module owner)."""
+
+COMMANDS: list = []
