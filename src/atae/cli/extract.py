@@ -1,3 +1,51 @@
-"""CLI commands (filled in by its module owner)."""
+"""`atae extract`: run the frozen towers once over a Clotho-format dataset and cache the sequences."""
 
-COMMANDS: list = []
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.option("--csv", "csv_path", required=True, type=click.Path(dir_okay=False),
+              help="Clotho-format captions CSV (file_name,caption_1..caption_N).")
+@click.option("--audio-dir", required=True, type=click.Path(file_okay=False), help="Folder with the audio.")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+              help="Feature store folder (created; reused and resumed if it exists).")
+@click.option("--audio-encoder", default=None, help="Audio tower name (default: seed pair if its weights "
+              "are installed, else aisfx).")
+@click.option("--audio-weights", default=None, type=click.Path(dir_okay=False), help="Explicit weights file.")
+@click.option("--text-encoder", default=None, help="Text tower name or local Hugging Face model folder "
+              "(default: distilroberta-base with the seed pair, else minilm).")
+@click.option("--text-weights", default=None, type=click.Path(), help="Explicit text weights.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1),
+              help="Audio clips per committed batch (text uses max(this, 64)).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars (TTY only).")
+def extract(csv_path, audio_dir, out, audio_encoder, audio_weights, text_encoder, text_weights, batch_size,
+            progress):
+    """Extract and cache audio and caption embeddings for one dataset (resumable: run it again)."""
+    try:
+        from atae.data import read_caption_csv
+    except ImportError:  # the package may not re-export it
+        from atae.data.clotho import read_caption_csv
+    from atae.features import ensure_dataset_features
+    from atae.towers.registry import default_towers, get_audio_tower, get_text_tower
+
+    dataset = read_caption_csv(csv_path, audio_dir)
+    for p in dataset.problems:
+        click.secho(f"warning: {p}", fg="yellow", err=True)
+    if audio_encoder is None or text_encoder is None:
+        default_audio, default_text = default_towers()
+        audio_encoder = audio_encoder or default_audio
+        text_encoder = text_encoder or default_text
+    audio_tower = get_audio_tower(audio_encoder, audio_weights)
+    text_tower = get_text_tower(text_encoder, text_weights)
+    click.echo(f"towers: audio {audio_tower.info.key()}  text {text_tower.info.key()}")
+    audio, text, report = ensure_dataset_features(dataset, audio_tower, text_tower, out, progress=progress,
+                                                  batch_size=batch_size)
+    click.echo(f"{dataset.name}: {len(dataset.clips)} clips, "
+               f"{sum(len(c.captions) for c in dataset.clips)} captions -> {out}")
+    click.echo(report.summary())
+    click.echo(f"cached: {len(audio)} clips in {audio.folder}, {len(text)} captions in {text.folder}")
+
+
+COMMANDS = [extract]

@@ -1,0 +1,30 @@
+"""Your own sound library: incremental, crash-safe index (SQLite + FAISS) and search by text or example.
+
+Example (the same as ``atae index`` / ``atae search``)::
+
+    from atae.library import Library
+
+    lib = Library.open("my-sounds.lib", create=True, model="runs/atae")  # model: a trained `atae train` dir
+    report = lib.add(["~/Samples", "~/Field recordings"], progress=True)  # only new/changed files are encoded
+    print(report.summary())                                # new / changed / unchanged / removed / failed
+    for r in lib.search("a door creaks open", k=5, max_duration=60):
+        print(r.rank, f"{r.score:.3f}", r.path, f"{r.start_s:.1f}-{r.end_s:.1f} s")
+    for r in lib.search(audio="query.wav", k=5):           # query by example (works without a model too)
+        print(r.rank, r.path)
+    lib.close()
+
+Layout on disk, windowing and incremental rules: ``api.py``, ``indexer.py``, ``db.py``, ``vectors.py``.
+"""
+
+from atae.library.api import Library, SearchResult, model_dir_checksum
+from atae.library.indexer import IndexReport
+from atae.library.query import MAX_QUERY_BYTES, validate_text_query
+
+__all__ = [
+    "Library",
+    "SearchResult",
+    "IndexReport",
+    "validate_text_query",
+    "MAX_QUERY_BYTES",
+    "model_dir_checksum",
+]

@@ -1,0 +1,388 @@
+"""Zero-shot search through AudioSet tags (the "tag bridge") and hybrid fusion with a trained adapter.
+
+Why: a user who indexes an uncaptioned library has no training data, yet a tower with an AudioSet head
+already says which of 527 sound classes each clip contains. The bridge maps a text query onto those 527
+classes through the text tower and scores every clip by how much of the query's class mass the clip has:
+
+    cos[q, l]   = cosine(sentence(query_q), sentence(label_l))          (Q, 527)
+    p[q, :]     = softmax(cos[q, :] / temperature)                      (Q, 527), rows sum to 1
+    score[q, c] = sum_l p[q, l] * tags[c, l]                            (Q, C)
+
+A sentence embedding is the mean of the text tower's token sequence (for all-MiniLM-L6-v2 with
+``layer=-1`` this is exactly the sentence-transformers embedding). Clip tags are the mean (default) or
+max of the tower's per-element tag probabilities.
+
+Hybrid ranking z-scores each score row across the candidate clips (so the cosine of an adapter and a
+probability-like bridge score become comparable per query) and mixes them with one weight chosen on
+validation data and stored in the model directory's ``extras``.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import importlib.resources
+import re
+import unicodedata
+from collections.abc import Sequence
+
+import numpy as np
+
+from atae.errors import AtaeError, ModelError, QueryError
+
+N_LABELS = 527
+DEFAULT_TEMPERATURE = 0.05
+DEFAULT_TEMPLATE = "{label}"
+TEMPERATURE_GRID = (0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.07, 0.1, 0.15, 0.2)
+WEIGHT_GRID = tuple(round(w, 2) for w in np.linspace(0.0, 1.0, 21))
+# keys in AlignedModel.extras (the model directory's config) written by the caller after tuning
+EXTRA_HYBRID_WEIGHT = "hybrid_weight"
+EXTRA_BRIDGE_TEMPERATURE = "bridge_temperature"
+DEFAULT_HYBRID_WEIGHT = 0.5
+
+
+# --------------------------------------------------------------------------------------------- labels
+@functools.lru_cache(maxsize=1)
+def _labels() -> tuple[str, ...]:
+    ref = importlib.resources.files("atae.resources") / "audioset_labels.csv"
+    with ref.open("r", encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if len(rows) != N_LABELS or [int(r["index"]) for r in rows] != list(range(N_LABELS)):
+        raise AtaeError("packaged AudioSet label list is damaged", path=str(ref),
+                        fix="reinstall atae")
+    return tuple(r["display_name"] for r in rows)
+
+
+def audioset_labels() -> list[str]:
+    """The 527 AudioSet display names in head order (packaged copy of the CC BY 4.0 ontology)."""
+    return list(_labels())
+
+
+def label_texts(template: str = DEFAULT_TEMPLATE) -> list[str]:
+    """Label names put into a prompt template such as ``"the sound of {label}"``."""
+    if "{label}" not in template:
+        raise AtaeError(f"label template {template!r} has no '{{label}}' placeholder",
+                        fix='use e.g. "the sound of {label}"')
+    return [template.format(label=label) for label in _labels()]
+
+
+# --------------------------------------------------------------------------------------------- text
+_NON_WORD = re.compile(r"[\W_]+", re.UNICODE)
+
+
+def normalise_query(text: str) -> str:
+    """Collapse whitespace; refuse a query with no letters or digits (nothing a tower could match)."""
+    if not isinstance(text, str):
+        raise QueryError(f"a query must be text, got {type(text).__name__}")
+    cleaned = " ".join(unicodedata.normalize("NFKC", text).split())
+    if not _NON_WORD.sub(" ", cleaned).strip():
+        raise QueryError(f"query {text!r} has no words after normalisation",
+                         fix="type a few words that describe the sound")
+    return cleaned
+
+
+def sentence_embeddings(text_tower, texts: Sequence[str]) -> np.ndarray:
+    """(N, F) unit-length float32: mean over each text's token sequence, then L2 normalisation."""
+    seqs = text_tower.encode(list(texts))
+    out = np.stack([np.asarray(s, dtype=np.float64).mean(axis=0) for s in seqs]) if seqs else \
+        np.zeros((0, int(text_tower.dim)))
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return (out / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def softmax_rows(x: np.ndarray, temperature: float) -> np.ndarray:
+    """Row softmax of ``x / temperature`` in float64 (stable), returned as float32."""
+    z = np.asarray(x, dtype=np.float64) / float(temperature)
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------- tags
+def require_tag_head(audio_tower) -> None:
+    """The bridge and hybrid scorers need per-clip AudioSet probabilities: refuse other towers early."""
+    if not getattr(audio_tower, "has_tags", False):
+        name = getattr(audio_tower, "name", type(audio_tower).__name__)
+        raise AtaeError(
+            f"audio tower {name!r} has no AudioSet head, so the 'bridge' and 'hybrid' scorers cannot be used",
+            fix="use --audio-encoder efficientat-mn04 (or cnn14), or --scorer adapter")
+
+
+def pool_tags(tags: np.ndarray | None, pool: str = "mean", *, path=None) -> np.ndarray:
+    """One clip's (527,) tag vector from its per-element (T, 527) probabilities."""
+    if tags is None:
+        raise AtaeError("no AudioSet tags stored for this clip (its tower has no AudioSet head)", path=path,
+                        fix="extract with a tagging tower (efficientat-mn04, cnn14) or use --scorer adapter")
+    t = np.asarray(tags, dtype=np.float32)
+    if t.ndim == 1:
+        t = t[None, :]
+    if t.ndim != 2 or t.shape[1] != N_LABELS or t.shape[0] == 0:
+        raise AtaeError(f"tags must be (T, {N_LABELS}), got {t.shape}", path=path)
+    if pool == "mean":
+        return t.mean(axis=0)
+    if pool == "max":
+        return t.max(axis=0)
+    raise AtaeError(f"unknown tag pooling {pool!r}", fix="use 'mean' or 'max'")
+
+
+def _check_clip_tags(clip_tags) -> np.ndarray:
+    if clip_tags is None:
+        raise AtaeError("no AudioSet tags for these clips: the bridge needs a tower with an AudioSet head",
+                        fix="use --audio-encoder efficientat-mn04 (or cnn14), or --scorer adapter")
+    t = np.asarray(clip_tags, dtype=np.float32)
+    if t.ndim != 2 or t.shape[1] != N_LABELS:
+        raise AtaeError(f"clip tags must be (C, {N_LABELS}), got {t.shape}")
+    return t
+
+
+# --------------------------------------------------------------------------------------------- bridge
+_LABEL_CACHE: dict[tuple[str, tuple[str, ...]], np.ndarray] = {}
+
+
+def _tower_key(text_tower) -> str:
+    info = getattr(text_tower, "info", None)
+    return info.key() if info is not None else f"{type(text_tower).__name__}@{id(text_tower)}"
+
+
+class TagBridge:
+    """Zero-shot text-to-audio scorer over AudioSet tags (see the module docstring for the formula)."""
+
+    def __init__(self, text_tower, *, temperature: float = DEFAULT_TEMPERATURE,
+                 label_texts: Sequence[str] | None = None, pool: str = "mean"):
+        if not temperature > 0:
+            raise AtaeError(f"bridge temperature must be > 0, got {temperature}")
+        if pool not in ("mean", "max"):
+            raise AtaeError(f"unknown tag pooling {pool!r}", fix="use 'mean' or 'max'")
+        texts = tuple(label_texts) if label_texts is not None else _labels()
+        if len(texts) != N_LABELS:
+            raise AtaeError(f"label_texts must hold {N_LABELS} texts in head order, got {len(texts)}")
+        self.text_tower = text_tower
+        self.temperature = float(temperature)
+        self.label_texts = texts
+        self.pool = pool
+
+    @property
+    def label_matrix(self) -> np.ndarray:
+        """(527, F) unit-length label embeddings, computed once per (text tower, label texts)."""
+        key = (_tower_key(self.text_tower), self.label_texts)
+        m = _LABEL_CACHE.get(key)
+        if m is None:
+            m = sentence_embeddings(self.text_tower, self.label_texts)
+            _LABEL_CACHE[key] = m
+        return m
+
+    def cosines(self, texts: Sequence[str]) -> np.ndarray:
+        """(Q, 527) cosine of each query with each label name."""
+        if isinstance(texts, str):
+            texts = [texts]
+        queries = [normalise_query(t) for t in texts]
+        return sentence_embeddings(self.text_tower, queries) @ self.label_matrix.T
+
+    def query_distribution(self, texts: Sequence[str]) -> np.ndarray:
+        """(Q, 527) softmax(cosine / temperature): which AudioSet classes each query asks for."""
+        return softmax_rows(self.cosines(texts), self.temperature)
+
+    def clip_tags(self, per_clip_tags: Sequence[np.ndarray | None]) -> np.ndarray:
+        """(C, 527) clip tag matrix from each clip's per-element (T, 527) tags, pooled by ``self.pool``."""
+        return np.stack([pool_tags(t, self.pool) for t in per_clip_tags]) if len(per_clip_tags) else \
+            np.zeros((0, N_LABELS), np.float32)
+
+    def scores(self, texts: Sequence[str], clip_tags) -> np.ndarray:
+        """(Q, C) = query_distribution(texts) @ clip_tags.T for a (C, 527) clip tag matrix."""
+        return self.query_distribution(texts) @ _check_clip_tags(clip_tags).T
+
+    def search(self, text: str, index: TagSearchIndex, k: int = 10, *,
+               adapter_scores: np.ndarray | None = None, weight: float = DEFAULT_HYBRID_WEIGHT):
+        """Top-k (clip indices, scores) of one query over an index: bridge, or hybrid with adapter scores."""
+        return index.top_k(self.query_distribution([text])[0], k, adapter_scores=adapter_scores,
+                           weight=weight)
+
+
+# --------------------------------------------------------------------------------------------- hybrid
+def zscore_rows(scores: np.ndarray) -> np.ndarray:
+    """Per-query standardisation across clips: (s - mean) / std (population std).
+
+    A constant row (std 0, e.g. a tagless corpus or a single candidate) becomes all zeros, so it adds
+    nothing to a hybrid instead of dividing by zero."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 2:
+        raise ValueError(f"scores must be (Q, C), got {s.shape}")
+    mu = s.mean(axis=1, keepdims=True)
+    sd = s.std(axis=1, keepdims=True)
+    safe = np.where(sd > 1e-12, sd, 1.0)
+    return np.where(sd > 1e-12, (s - mu) / safe, 0.0)
+
+
+def hybrid_scores(adapter_scores: np.ndarray, bridge_scores: np.ndarray, weight: float) -> np.ndarray:
+    """(Q, C) = weight * zscore(adapter) + (1 - weight) * zscore(bridge), rows z-scored across clips."""
+    a = np.asarray(adapter_scores)
+    b = np.asarray(bridge_scores)
+    if a.shape != b.shape:
+        raise ValueError(f"adapter scores {a.shape} and bridge scores {b.shape} differ in shape")
+    if not 0.0 <= weight <= 1.0:
+        raise AtaeError(f"hybrid weight must lie in [0, 1], got {weight}")
+    return _mix(zscore_rows(a), zscore_rows(b), weight)
+
+
+def _mix(za: np.ndarray, zb: np.ndarray, weight: float) -> np.ndarray:
+    return (weight * za + (1.0 - weight) * zb).astype(np.float32)
+
+
+def check_hybrid_tower(model, audio_tower_info) -> None:
+    """A hybrid needs the adapter's clips and the tags from the same audio tower: refuse a mix-up."""
+    model_info = getattr(model, "audio_info", None)
+    if model_info is None or audio_tower_info is None:
+        return
+    if model_info.key() != audio_tower_info.key():
+        raise ModelError(
+            f"the model was trained on audio tower {model_info.name!r} ({model_info.key()}) but the tags and "
+            f"clips come from {audio_tower_info.name!r} ({audio_tower_info.key()})",
+            fix=f"use --audio-encoder {model_info.name} with the weights the model was trained on")
+
+
+def hybrid_weight(model, default: float = DEFAULT_HYBRID_WEIGHT) -> float:
+    """The tuned weight stored in a model's extras, or ``default`` for a model never tuned."""
+    extras = getattr(model, "extras", None) or {}
+    return float(extras.get(EXTRA_HYBRID_WEIGHT, default))
+
+
+# --------------------------------------------------------------------------------------------- search
+class TagSearchIndex:
+    """Exact top-k bridge / hybrid search over many clips that reads only the labels a query needs.
+
+    Why: a dense bridge pass reads 527 floats per clip, as many bytes as the adapter's own 512-d pass,
+    so a hybrid would take about twice the adapter's time. Tags are stored label-major (527, C). For a
+    query distribution d, ``top_k`` reads only the rows of the labels K with the largest possible
+    contribution d_l * max_c(t_cl), until what is left cannot add more than ``slack``:
+
+        b_c = sum_{l in K} d_l t_cl + r_c,   0 <= r_c <= min(sum_{l not in K} d_l max_c t_cl,
+                                                             ||d_{not K}|| * ||t_c||)     (tags >= 0)
+
+    Every clip whose upper bound reaches the k-th best lower bound is rescored with all 527 tags, so
+    the clips and scores returned are those of the dense computation (``scores``/``hybrid_scores``).
+    The hybrid's per-query mean and std over all clips are exact from the stored tag mean and
+    covariance (mean_c b_c = d.mean, var_c b_c = d'Sd). A flat distribution (high temperature) or
+    loose bounds fall back to one dense pass, which is never slower than the plain computation.
+    """
+
+    def __init__(self, clip_tags, *, chunk: int = 65536, max_labels: int = 96, slack: float = 1e-3):
+        t = _check_clip_tags(clip_tags)
+        if t.shape[0] == 0:
+            raise AtaeError("no clips to index")
+        n = t.shape[0]
+        self.by_label = np.ascontiguousarray(t.T)  # (527, C)
+        self.label_max = t.max(axis=0).astype(np.float64)
+        self.clip_norm = np.sqrt(np.einsum("cl,cl->c", t, t, dtype=np.float64))
+        self.mean = t.mean(axis=0, dtype=np.float64)
+        cov = np.zeros((N_LABELS, N_LABELS))
+        for a in range(0, n, chunk):
+            x = t[a:a + chunk].astype(np.float64) - self.mean
+            cov += x.T @ x
+        self.cov = cov / n  # population covariance, matching zscore_rows' population std
+        self.max_labels = int(max_labels)
+        self.slack = float(slack)
+        self.last_labels = 0  # diagnostics of the last top_k: label rows read, clips rescored
+        self.last_rescored = 0
+
+    @property
+    def n_clips(self) -> int:
+        return int(self.by_label.shape[1])
+
+    def moments(self, dist: np.ndarray) -> tuple[float, float]:
+        """Exact mean and population std over all clips of the bridge scores of one distribution."""
+        d = np.asarray(dist, dtype=np.float64).reshape(-1)
+        return float(d @ self.mean), float(np.sqrt(max(d @ self.cov @ d, 0.0)))
+
+    def partial(self, dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(lower bound (C,), width (C,)): b_c lies in [lower_c, lower_c + width_c]."""
+        d = np.asarray(dist, dtype=np.float64).reshape(-1)
+        gain = d * self.label_max
+        order = np.argsort(-gain, kind="stable")
+        rest = np.cumsum(gain[order][::-1])[::-1]  # rest[i] = sum of gain[order[i:]]
+        n_keep = int(np.searchsorted(-rest, -self.slack, side="left"))  # first i with rest[i] <= slack
+        n_keep = max(1, min(n_keep, self.max_labels))
+        keep = np.sort(order[:n_keep])
+        self.last_labels = n_keep
+        lower = d[keep].astype(np.float32) @ self.by_label[keep]
+        dropped = np.ones(N_LABELS, bool)
+        dropped[keep] = False
+        width = np.minimum(gain[dropped].sum(), np.linalg.norm(d[dropped]) * self.clip_norm)
+        # float32 sums: a margin that covers their rounding
+        return lower.astype(np.float64), width + 1e-6 * (1.0 + np.abs(lower))
+
+    def exact(self, dist: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        d = np.asarray(dist, dtype=np.float32).reshape(-1)
+        return (d @ self.by_label if rows is None else d @ self.by_label[:, rows]).astype(np.float64)
+
+    def top_k(self, dist: np.ndarray, k: int = 10, *, adapter_scores: np.ndarray | None = None,
+              weight: float = DEFAULT_HYBRID_WEIGHT) -> tuple[np.ndarray, np.ndarray]:
+        """(clip indices, scores) of the k best clips, best first (ties: lower index first).
+
+        Without ``adapter_scores``: bridge scores. With them (C,): the hybrid of ``hybrid_scores``."""
+        k = int(min(k, self.n_clips))
+        lower, width = self.partial(dist)
+        if adapter_scores is None:
+            base, scale, shift = 0.0, 1.0, 0.0
+        else:
+            if not 0.0 <= weight <= 1.0:
+                raise AtaeError(f"hybrid weight must lie in [0, 1], got {weight}")
+            a = np.asarray(adapter_scores, dtype=np.float64).reshape(-1)
+            if a.shape[0] != self.n_clips:
+                raise ValueError(f"{a.shape[0]} adapter scores for {self.n_clips} indexed clips")
+            mu, sd = self.moments(dist)
+            base = weight * zscore_rows(a[None, :])[0]
+            scale, shift = ((1.0 - weight) / sd, mu) if sd > 1e-12 else (0.0, 0.0)
+        lo = base + scale * (lower - shift)
+        hi = lo + scale * width
+        theta = np.partition(lo, self.n_clips - k)[self.n_clips - k]
+        cand = np.nonzero(hi >= theta)[0]
+        if cand.size > self.n_clips // 8:  # bounds too loose for this query: one dense pass
+            cand = np.arange(self.n_clips)
+            exact = self.exact(dist)
+        else:
+            exact = self.exact(dist, cand)
+        self.last_rescored = int(cand.size)
+        s = (base[cand] if adapter_scores is not None else 0.0) + scale * (exact - shift)
+        order = np.lexsort((cand, -s))[:k]
+        return cand[order], s[order].astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------- tuning
+def mean_ap_at_k(scores: np.ndarray, relevant: Sequence, k: int = 10) -> float:
+    """Mean AP@k (``atae.metrics.per_query_multi``): with one relevant clip per query (an int) this is the
+    DCASE 2022 mAP@10 (1/rank within the top k); with several, DCASE 2025's multi-positive AP."""
+    from atae.metrics import per_query_multi
+
+    sets = [np.atleast_1d(np.asarray(r, dtype=np.int64)) for r in relevant]
+    return float(per_query_multi(scores, sets, k=k, k_list=())[f"mAP@{k}"].mean())
+
+
+def temperature_curve(bridge: TagBridge, queries: Sequence[str], relevant: Sequence, clip_tags,
+                      grid: Sequence[float] = TEMPERATURE_GRID, k: int = 10) -> list[tuple[float, float]]:
+    """[(temperature, mAP@k)] over ``grid``; the text tower runs once."""
+    cos = bridge.cosines(queries)
+    tags = _check_clip_tags(clip_tags)
+    return [(float(t), mean_ap_at_k(softmax_rows(cos, t) @ tags.T, relevant, k)) for t in grid]
+
+
+def tune_temperature(bridge: TagBridge, queries: Sequence[str], relevant: Sequence, clip_tags,
+                     grid: Sequence[float] = TEMPERATURE_GRID, k: int = 10) -> float:
+    """The grid temperature with the best validation mAP@k (ties: the first in grid order)."""
+    curve = temperature_curve(bridge, queries, relevant, clip_tags, grid, k)
+    return max(curve, key=lambda tm: tm[1])[0] if curve else bridge.temperature
+
+
+def hybrid_weight_curve(adapter_scores: np.ndarray, bridge_scores: np.ndarray, relevant: Sequence,
+                        grid: Sequence[float] = WEIGHT_GRID, k: int = 10) -> list[tuple[float, float]]:
+    """[(weight, mAP@k)] of the hybrid over ``grid``."""
+    za, zb = zscore_rows(adapter_scores), zscore_rows(bridge_scores)
+    return [(float(w), mean_ap_at_k(_mix(za, zb, w), relevant, k)) for w in grid]
+
+
+def tune_hybrid_weight(adapter_scores: np.ndarray, bridge_scores: np.ndarray, relevant: Sequence,
+                       grid: Sequence[float] = WEIGHT_GRID, k: int = 10) -> float:
+    """The grid weight with the best validation mAP@k (ties: the first in grid order).
+
+    The caller stores it with ``model.extras[EXTRA_HYBRID_WEIGHT] = w`` before saving the model."""
+    curve = hybrid_weight_curve(adapter_scores, bridge_scores, relevant, grid, k)
+    return max(curve, key=lambda wm: wm[1])[0]

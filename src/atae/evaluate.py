@@ -1,0 +1,342 @@
+"""Evaluation: model + cached features + dataset -> a (queries x clips) score matrix -> DCASE metrics.
+
+Everything goes through one generic step, :func:`evaluate_scores`, which takes any ``(Q, C)`` score
+matrix (the trained adapters' cosine, a zero-shot tag bridge, a hybrid of both) and the relevant clips:
+
+* DCASE 2022 (``relevant[q]`` is one column index): every caption is a query with exactly one relevant
+  clip; R@1/5/10 and mAP@10 (= 1/rank within 10), jackknife 95% intervals (``atae.metrics``).
+* DCASE 2025 (``relevant[q]`` is a set of columns): AP@10 over several relevant clips, R@k = any relevant
+  clip in the top k.
+
+Ranking ties go to the earlier candidate (stable sort), as in ``atae.metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from atae.errors import DataError, ModelError
+from atae.model import AlignedModel, atomic_write_text
+
+TOP_K = 10
+
+
+@dataclass
+class EvalResult:
+    metrics: dict  # {"R@1": {"value", "ci_low", "ci_high", ...}, ..., "mAP@10": ...}
+    per_query: dict[str, np.ndarray]
+    ranked_keys: list[list[str]]  # top-10 candidate keys per query, best first
+    queries: list[str]
+    candidates: list[str]
+    mode: str  # "dcase2022" | "dcase2025"
+    problems: list[str] = field(default_factory=list)
+
+    def to_dict(self, **extra) -> dict:
+        out = {name: {k: _num(v) for k, v in m.items()} for name, m in self.metrics.items()}
+        out["_info"] = {"mode": self.mode, "queries": len(self.queries), "candidates": len(self.candidates),
+                        "problems": self.problems, **extra}
+        return out
+
+    def write_json(self, path: str | Path, **extra) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(self.to_dict(**extra), indent=2, default=_num))
+        return path
+
+    def submission_rows(self) -> list[tuple[str, list[str]]]:
+        return [(q, keys[:TOP_K]) for q, keys in zip(self.queries, self.ranked_keys, strict=True)]
+
+    def write_submission(self, path: str | Path) -> Path:
+        from atae.metrics import write_submission
+
+        return write_submission(path, self.submission_rows())
+
+
+def _num(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, float) and v != v:  # NaN is not JSON
+        return None
+    return v
+
+
+# ------------------------------------------------------------------------------------- generic step
+def top_k_indices(scores: np.ndarray, k: int = TOP_K, chunk: int = 2048) -> np.ndarray:
+    """(Q, min(k, C)) candidate indices, best first; ties to the lower index."""
+    s = np.asarray(scores)
+    kk = min(k, s.shape[1])
+    out = np.empty((s.shape[0], kk), dtype=np.int64)
+    for a in range(0, s.shape[0], chunk):
+        blk = -s[a:a + chunk]
+        if kk < s.shape[1]:
+            # candidates scoring at least the k-th best, then a stable sort among them only
+            kth = np.partition(blk, kk - 1, axis=1)[:, kk - 1:kk]
+            for i, row in enumerate(blk):
+                cand = np.flatnonzero(row <= kth[i, 0])
+                out[a + i] = cand[np.argsort(row[cand], kind="stable")][:kk]
+        else:
+            out[a:a + chunk] = np.argsort(blk, axis=1, kind="stable")[:, :kk]
+    return out
+
+
+def evaluate_scores(scores, relevant: Sequence, *, queries: Sequence[str], candidates: Sequence[str],
+                    problems: Sequence[str] = ()) -> EvalResult:
+    """Metrics of any (Q, C) score matrix. ``relevant[q]``: an int (DCASE 2022) or a collection of ints
+    (DCASE 2025 multi-positive) -- all queries of one kind."""
+    from atae.metrics import metrics_table, per_query_dcase2022, per_query_multi, ranks_single
+
+    s = np.asarray(scores, dtype=np.float32)
+    if s.shape != (len(queries), len(candidates)):
+        raise ValueError(f"scores {s.shape} do not match {len(queries)} queries x "
+                         f"{len(candidates)} candidates")
+    if len(queries) == 0:
+        raise DataError("nothing to evaluate: no query", fix="check the caption/query file")
+    single = all(isinstance(r, (int, np.integer)) for r in relevant)
+    if single:
+        per_query = per_query_dcase2022(ranks_single(s, np.asarray(relevant, dtype=np.int64)))
+        mode = "dcase2022"
+    else:
+        per_query = per_query_multi(s, [list(r) for r in relevant], k=TOP_K)
+        mode = "dcase2025"
+    order = top_k_indices(s, TOP_K)
+    cands = list(candidates)
+    ranked = [[cands[j] for j in row] for row in order]
+    return EvalResult(metrics_table(per_query), per_query, ranked, list(queries), cands, mode, list(problems))
+
+
+# ------------------------------------------------------------------------------------------ scoring
+def check_towers(model: AlignedModel, audio_info=None, text_info=None) -> None:
+    """Refuse features from other towers than the ones the model was trained on (numbers would be junk)."""
+    for side, want, got in (("audio", model.audio_info, audio_info), ("text", model.text_info, text_info)):
+        if got is None:
+            continue
+        if want.key() != got.key():
+            raise ModelError(
+                f"the model was trained on {side} tower {want.name!r} ({want.key()}) but the features come "
+                f"from {got.name!r} ({got.key()})",
+                fix=f"use the {side} encoder and weights the model was trained with ({want.name})")
+
+
+def embed_audio_keys(model: AlignedModel, audio_table, keys: Sequence[str], *,
+                     batch: int = 256) -> torch.Tensor:
+    """(C, D) unit-length audio embeddings of cached clips."""
+    out = []
+    with torch.no_grad():
+        for a in range(0, len(keys), batch):
+            z, m = audio_table.batch(list(keys[a:a + batch]))
+            out.append(model.embed_audio(z, m, normalize=True))
+    return torch.cat(out) if out else torch.zeros(0, model.out_dim)
+
+
+def pad_sequences(seqs: Sequence[np.ndarray], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    tmax = max((len(s) for s in seqs), default=0)
+    z = np.zeros((len(seqs), max(tmax, 1), dim), dtype=np.float32)
+    m = np.zeros((len(seqs), max(tmax, 1)), dtype=bool)
+    for i, s in enumerate(seqs):
+        z[i, :len(s)] = s
+        m[i, :len(s)] = True
+    return torch.from_numpy(z), torch.from_numpy(m)
+
+
+def embed_text_seqs(model: AlignedModel, seqs: Sequence[np.ndarray], *, batch: int = 512) -> torch.Tensor:
+    """(Q, D) unit-length text embeddings of (T_i, F) token sequences."""
+    out = []
+    with torch.no_grad():
+        for a in range(0, len(seqs), batch):
+            z, m = pad_sequences(seqs[a:a + batch], model.text_info.dim)
+            out.append(model.embed_text(z, m, normalize=True))
+    return torch.cat(out) if out else torch.zeros(0, model.out_dim)
+
+
+def score_matrix(model: AlignedModel, audio_table, audio_keys: Sequence[str], text_seqs: Sequence[np.ndarray],
+                 *, chunk: int = 4096) -> np.ndarray:
+    """(Q, C) float32 cosine of every text with every cached clip, computed in query chunks."""
+    a = embed_audio_keys(model, audio_table, audio_keys)
+    out = np.empty((len(text_seqs), len(audio_keys)), dtype=np.float32)
+    for s in range(0, len(text_seqs), chunk):
+        t = embed_text_seqs(model, text_seqs[s:s + chunk])
+        out[s:s + chunk] = (t @ a.T).numpy()
+    return out
+
+
+def encode_texts(text_tower, texts: Sequence[str], *, batch: int = 256) -> list[np.ndarray]:
+    out: list[np.ndarray] = []
+    for a in range(0, len(texts), batch):
+        out += text_tower.encode(list(texts[a:a + batch]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- datasets
+def dataset_queries(dataset, audio_table, text_table):
+    """DCASE 2022 layout of a caption dataset: (candidate keys, caption texts, text keys, relevant
+    column per caption, problems). Clips without audio features and captions without text features
+    are left out and listed."""
+    problems, cands = [], []
+    texts, tkeys, rel = [], [], []
+    for c in dataset.clips:
+        if c.key not in audio_table:
+            problems.append(f"{c.key}: no audio features (unreadable audio?), clip and its captions left out")
+            continue
+        j = len(cands)
+        cands.append(c.key)
+        for i, cap in enumerate(c.captions):
+            k = f"{c.key}#{i}"
+            if k not in text_table:
+                problems.append(f"{k}: no text features, caption left out")
+                continue
+            texts.append(cap)
+            tkeys.append(k)
+            rel.append(j)
+    return cands, texts, tkeys, rel, problems
+
+
+def evaluate_dataset(model: AlignedModel, dataset, audio_table, text_table) -> EvalResult:
+    """DCASE 2022 text->audio: every caption a query, its own clip the one relevant candidate."""
+    check_towers(model, getattr(audio_table, "info", None), getattr(text_table, "info", None))
+    cands, texts, tkeys, rel, problems = dataset_queries(dataset, audio_table, text_table)
+    seqs = [np.asarray(text_table.get(k)) for k in tkeys]
+    scores = score_matrix(model, audio_table, cands, seqs)
+    return evaluate_scores(scores, rel, queries=texts, candidates=cands, problems=problems)
+
+
+def query_relevance(queries, candidates: Sequence[str]) -> tuple[list, list[str], list[int]]:
+    """Relevant columns of DCASE 2025 queries; a relevant file that is not a candidate is reported, a
+    query left with none is dropped (it cannot be scored). Returns (sets, problems, kept query idx)."""
+    col = {k: j for j, k in enumerate(candidates)}
+    # query files name bare files; candidates may sit in sub-folders, and Clotho writes ':' for '_'
+    alt: dict[str, int | None] = {}
+    for j, k in enumerate(candidates):
+        for name in {k.replace(":", "_"), k.rsplit("/", 1)[-1].replace(":", "_")}:
+            alt[name] = None if name in alt and alt[name] != j else j  # ambiguous basename -> no match
+    sets, problems, kept = [], [], []
+    for qi, q in enumerate(queries):
+        rel = []
+        for f in q.relevant:
+            j = col.get(f)
+            if j is None:
+                j = alt.get(f.replace(":", "_"))
+            if j is None:
+                problems.append(f"query {q.text!r}: relevant file {f!r} is not among the candidates")
+            else:
+                rel.append(j)
+        if rel:
+            sets.append(sorted(set(rel)))
+            kept.append(qi)
+        else:
+            problems.append(f"query {q.text!r}: none of its relevant files is a candidate, query left out")
+    return sets, problems, kept
+
+
+def evaluate_queries(model: AlignedModel, queries, audio_table, text_tower,
+                     audio_keys: Sequence[str] | None = None) -> EvalResult:
+    """DCASE 2025 multi-positive: each query against every candidate clip (default: all cached keys)."""
+    check_towers(model, getattr(audio_table, "info", None), getattr(text_tower, "info", None))
+    cands = list(audio_keys) if audio_keys is not None else list(audio_table.keys)
+    sets, problems, kept = query_relevance(queries, cands)
+    texts = [queries[i].text for i in kept]
+    scores = score_matrix(model, audio_table, cands, encode_texts(text_tower, texts))
+    return evaluate_scores(scores, sets, queries=texts, candidates=cands, problems=problems)
+
+
+# -------------------------------------------------------------------------------- command plumbing
+def towers_for_model(model: AlignedModel, *, audio_weights=None, text_weights=None, need_text: bool = True):
+    """Rebuild the towers named in a model's config (weights: explicit path, else the registry's
+    resolution) and check they produce the same numbers the model was trained on."""
+    from atae.towers.registry import TEXT_TOWERS, get_audio_tower, get_text_tower
+
+    ai, ti = model.audio_info, model.text_info
+    a_opts = {k: ai.options[k] for k in ("window_s", "hop_s") if k in ai.options}
+    audio = get_audio_tower(ai.name, audio_weights, **a_opts)
+    text = None
+    if need_text:
+        t_opts = {k: ti.options[k] for k in ("layer", "max_length") if k in ti.options}
+        if ti.name in TEXT_TOWERS:
+            text = get_text_tower(ti.name, text_weights, **t_opts)
+        elif text_weights is not None:
+            text = get_text_tower(str(text_weights), **t_opts)
+        else:
+            raise ModelError(f"the model's text encoder {ti.name!r} is a local model folder",
+                             fix="pass --text-weights DIR (the folder it was trained with)")
+    check_towers(model, audio.info, text.info if text is not None else None)
+    return audio, text
+
+
+def folder_dataset(audio_dir) -> object:
+    """A caption-less dataset of every audio file under ``audio_dir`` (keys: relative POSIX paths)."""
+    from atae.audio import AUDIO_EXTENSIONS
+    from atae.data import CaptionDataset, Clip
+
+    audio_dir = Path(audio_dir)
+    if not audio_dir.is_dir():
+        raise DataError("audio folder not found", path=audio_dir, fix="check --audio-dir")
+    files = sorted(p for p in audio_dir.rglob("*")
+                   if p.is_file() and p.suffix.lower().lstrip(".") in AUDIO_EXTENSIONS)
+    if not files:
+        raise DataError("no audio files found", path=audio_dir, fix="check --audio-dir")
+    return CaptionDataset(audio_dir.name, [Clip(p.relative_to(audio_dir).as_posix(), p, []) for p in files],
+                          audio_dir, [])
+
+
+def evaluate_run(run_dir, *, audio_dir, json_out=None, csv=None, queries=None, submission=None, feats=None,
+                 audio_weights=None, text_weights=None, progress: bool = True) -> EvalResult:
+    """``atae evaluate``: load a trained run, extract (cached) features for the dataset, evaluate.
+
+    ``csv``: a Clotho-format caption file (DCASE 2022 mode). ``queries``: a DCASE 2025 query file; the
+    candidates are all audio files under ``audio_dir``.
+    """
+    from atae.features import ensure_dataset_features
+
+    if (csv is None) == (queries is None):
+        raise DataError("give exactly one of --csv (captions) or --queries (DCASE 2025 query file)")
+    model = AlignedModel.load(run_dir)
+    audio_dir = Path(audio_dir)
+    feats = Path(feats) if feats is not None else Path(run_dir) / "features"
+    audio_tower, text_tower = towers_for_model(model, audio_weights=audio_weights, text_weights=text_weights)
+    if csv is not None:
+        from atae.data import read_caption_csv
+
+        ds = read_caption_csv(csv, audio_dir)
+        atab, ttab, report = ensure_dataset_features(ds, audio_tower, text_tower, feats, progress=progress)
+        res = evaluate_dataset(model, ds, atab, ttab)
+        res.problems = list(ds.problems) + _report_problems(report) + res.problems
+    else:
+        from atae.data import read_queries_csv
+
+        qs = read_queries_csv(queries)
+        ds = folder_dataset(audio_dir)
+        atab, _, report = ensure_dataset_features(ds, audio_tower, text_tower, feats, progress=progress)
+        cands = [c.key for c in ds.clips if c.key in atab]
+        res = evaluate_queries(model, qs, atab, text_tower, audio_keys=cands)
+        res.problems = _report_problems(report) + res.problems
+    extra = {"run": str(run_dir), "audio_tower": model.audio_info.name, "text_tower": model.text_info.name,
+             "data": str(csv or queries)}
+    if json_out is not None:
+        res.write_json(json_out, **extra)
+    if submission is not None:
+        res.write_submission(submission)
+    return res
+
+
+def _report_problems(report) -> list[str]:
+    failed = getattr(report, "failed", None) or []
+    return [f"{p}: {r}" for p, r in failed]
+
+
+def format_metrics(metrics: dict) -> str:
+    """One line per metric: value and 95% interval."""
+    lines = []
+    for name in ("R@1", "R@5", "R@10", "mAP@10"):
+        if name in metrics:
+            m = metrics[name]
+            lines.append(f"{name:>7}  {m['value']:.4f}  ({_fmt(m['ci_low'])} - {_fmt(m['ci_high'])})")
+    return "\n".join(lines)
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None or x != x else f"{x:.4f}"

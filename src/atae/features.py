@@ -1,0 +1,699 @@
+"""The feature store: every frozen tower runs once per dataset; training reads cached sequences.
+
+Layout (one folder per tower identity, so numbers from different towers can never mix)::
+
+    FEATS/audio/<TowerInfo.key()>/manifest.json        tower identity, atae version, created, counts
+                                  shard-00000.npy       (sum T, F) float32 rows of many sequences
+                                  shard-00000.times.npy (sum T, 2) float64 [start, end) s (audio only)
+                                  shard-00000.tags.npy  (sum T, 527) float32 (towers with a tag head)
+                                  shard-00000.json      index: keys + row offsets  <- the commit point
+                                  failed.json           key -> {path, reason} of the last failures
+    FEATS/text/<TowerInfo.key()>/...                    same, keys "<clip key>#<caption index>"
+
+Why this shape:
+
+* **Append-only shards, one per extraction batch.** A batch's arrays are written first (temp file in
+  the same folder, fsync, ``os.replace``), its index JSON last. A shard without its index is invisible,
+  so an interruption (Ctrl-C, ``kill -9``, power loss) loses at most the batch in flight and the next
+  run re-extracts exactly the keys that no committed index lists. Nothing is ever rewritten in place.
+* **Memory-mapped reads.** ``SequenceTable`` opens every shard with ``np.load(mmap_mode="r")``, so a
+  training run touches only the rows it batches and several processes share the page cache.
+* **Compaction.** Many small shards cost file handles; after a run the small ones are merged into
+  larger ones (new shard committed first, old indexes removed after), which keeps the crash guarantee.
+* **Refuse to mix.** ``manifest.json`` stores the full ``TowerInfo``; opening a folder whose manifest
+  disagrees with the tower raises ``DataError`` instead of returning someone else's numbers.
+* **Failures are data, not crashes.** An unreadable file or an empty caption is listed in the report
+  and in ``failed.json`` (so later runs keep reporting it), and retried on the next run.
+* **One writer per folder.** Extraction holds an ``fcntl`` lock on ``.lock``; a second concurrent
+  writer gets a clear error (the OS drops the lock if the process dies).
+
+The manifest's ``counts`` are informational (updated after each run); the shard indexes are the truth.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from atae.errors import AtaeError, AudioError, DataError
+from atae.towers.base import AudioEncoding, AudioTower, TextTower, TowerInfo
+
+FORMAT_VERSION = 1
+_SHARD_RE = re.compile(r"^shard-(\d{5,})\.json$")
+_ANY_SHARD_RE = re.compile(r"^shard-(\d{5,})\.")
+COMPACT_TARGET_BYTES = 256 << 20  # merged shard size; small enough to copy quickly
+
+
+# --------------------------------------------------------------------------------------------- io
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not supported everywhere (e.g. Windows)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _atomic_write(path: Path, write: Callable) -> None:
+    """Write via ``write(fileobj)`` to a temp file next to ``path``, fsync, then rename over it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _atomic_json(path: Path, obj) -> None:
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, sort_keys=True).encode()))
+
+
+def _atomic_npy(path: Path, arr: np.ndarray) -> None:
+    _atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
+
+
+# ------------------------------------------------------------------------------------------ table
+
+
+@dataclass
+class _Shard:
+    num: int
+    keys: list[str]
+    offsets: np.ndarray  # (n+1,) int64 row offsets
+    data: np.ndarray  # memmap (rows, F)
+    times: np.ndarray | None
+    tags: np.ndarray | None
+    nbytes: int
+
+
+class SequenceTable:
+    """All cached sequences of one tower: key -> (T, F) rows, plus times/tags when the tower has them.
+
+    Reading is cheap and lock-free; writing (``append``) is done by the ``extract_*`` functions.
+    """
+
+    def __init__(self, folder: str | Path, info: TowerInfo, *, create: bool = True):
+        self.folder = Path(folder)
+        self.info = info
+        self.problems: list[str] = []  # shards ignored because they are damaged
+        self._damaged: list[int] = []
+        manifest = self.folder / "manifest.json"
+        if manifest.exists():
+            self._check_manifest(manifest)
+        elif create:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._write_manifest(counts={"keys": 0, "rows": 0, "shards": 0, "failed": 0})
+        elif not self.folder.exists():
+            raise DataError("no cached features for this tower", path=self.folder,
+                            fix="run `atae extract` (or training, which extracts) first")
+        self.refresh()
+
+    # ---- manifest
+    def _write_manifest(self, counts: dict) -> None:
+        from atae import __version__
+
+        old = {}
+        path = self.folder / "manifest.json"
+        if path.exists():
+            with contextlib.suppress(OSError, ValueError):
+                old = json.loads(path.read_text())
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        _atomic_json(path, {
+            "format": FORMAT_VERSION,
+            "tower": self.info.to_dict(),
+            "encoder": self.info.name,
+            "weights_sha256": self.info.weights_sha256,
+            "sample_rate": self.info.sample_rate,
+            "options": self.info.options,
+            "dim": self.info.dim,
+            "dtype": "float32",
+            "created": old.get("created", now),
+            "updated": now,
+            "atae_version": __version__,
+            "counts": counts,
+        })
+
+    def _check_manifest(self, path: Path) -> None:
+        try:
+            m = json.loads(path.read_text())
+            stored = m["tower"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"unreadable feature-store manifest ({e})", path=path,
+                            fix="delete this folder; its features will be extracted again") from e
+        if m.get("format") != FORMAT_VERSION:
+            raise DataError(f"feature-store format {m.get('format')} (this atae reads {FORMAT_VERSION})",
+                            path=path, fix="delete this folder to re-extract with this version")
+        want = self.info.to_dict()
+        if json.dumps(stored, sort_keys=True) != json.dumps(want, sort_keys=True):
+            diff = sorted(k for k in set(stored) | set(want) if stored.get(k) != want.get(k))
+            raise DataError(
+                f"cached features were made by a different tower (differs in {', '.join(diff)}: "
+                f"cached {[stored.get(k) for k in diff]}, requested {[want.get(k) for k in diff]}); "
+                "refusing to mix them", path=path,
+                fix="use another --out folder, or delete this one to re-extract")
+
+    # ---- reading
+    def refresh(self) -> None:
+        """(Re)load the committed shard indexes and ``failed.json``."""
+        self._shards: list[_Shard] = []
+        self._where: dict[str, tuple[int, int, int]] = {}  # key -> (shard position, start, end)
+        self.problems = []
+        self._damaged = []
+        nums = sorted(int(m.group(1)) for p in self.folder.glob("shard-*.json")
+                      if (m := _SHARD_RE.match(p.name)))
+        for num in nums:
+            shard = self._open_shard(num)
+            if shard is None:
+                continue
+            pos = len(self._shards)
+            self._shards.append(shard)
+            for i, k in enumerate(shard.keys):
+                if k not in self._where:  # compaction may briefly leave duplicates: same numbers
+                    self._where[k] = (pos, int(shard.offsets[i]), int(shard.offsets[i + 1]))
+        self.failed: dict[str, str] = {}
+        self._failed_paths: dict[str, str] = {}
+        fpath = self.folder / "failed.json"
+        if fpath.exists():
+            try:
+                raw = json.loads(fpath.read_text())
+                self.failed = {k: v["reason"] for k, v in raw.items()}
+                self._failed_paths = {k: v.get("path", k) for k, v in raw.items()}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                self.problems.append(f"{fpath}: unreadable, ignored")
+
+    def _open_shard(self, num: int) -> _Shard | None:
+        base = self.folder / f"shard-{num:05d}"
+        try:
+            idx = json.loads(base.with_suffix(".json").read_text())
+            data = np.load(base.with_suffix(".npy"), mmap_mode="r")
+            keys = list(idx["keys"])
+            offsets = np.asarray(idx["offsets"], dtype=np.int64)
+            ok = (data.ndim == 2 and data.shape == (idx["rows"], self.info.dim) and data.dtype == np.float32
+                  and len(offsets) == len(keys) + 1 and offsets[0] == 0 and offsets[-1] == data.shape[0]
+                  and bool(np.all(np.diff(offsets) > 0)))
+            times = tags = None
+            if ok and idx.get("has_times"):
+                times = np.load(Path(f"{base}.times.npy"), mmap_mode="r")
+                ok = times.shape == (data.shape[0], 2)
+            if ok and idx.get("has_tags"):
+                tags = np.load(Path(f"{base}.tags.npy"), mmap_mode="r")
+                ok = tags.ndim == 2 and tags.shape[0] == data.shape[0]
+            if not ok:
+                raise ValueError("arrays do not match the index")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            msg = f"{base}.json: damaged shard ignored ({e}); its keys will be extracted again"
+            self.problems.append(msg)
+            self._damaged.append(num)
+            warnings.warn(msg, stacklevel=3)
+            return None
+        return _Shard(num, keys, offsets, data, times, tags, int(data.nbytes))
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._where
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def _locate(self, key: str) -> tuple[_Shard, int, int]:
+        try:
+            pos, a, b = self._where[key]
+        except KeyError:
+            reason = self.failed.get(key)
+            extra = f" (extraction failed: {reason})" if reason else ""
+            raise KeyError(f"{key!r} is not in the feature store {self.folder}{extra}") from None
+        return self._shards[pos], a, b
+
+    def get(self, key: str) -> np.ndarray:
+        """(T, F) float32, a read-only view of the memory map."""
+        s, a, b = self._locate(key)
+        return s.data[a:b]
+
+    def times(self, key: str) -> np.ndarray | None:
+        """(T, 2) [start, end) seconds of each element, or None (text tables)."""
+        s, a, b = self._locate(key)
+        return None if s.times is None else s.times[a:b]
+
+    def tags(self, key: str) -> np.ndarray | None:
+        """(T, 527) AudioSet probabilities, or None when the tower has no tag head."""
+        s, a, b = self._locate(key)
+        return None if s.tags is None else s.tags[a:b]
+
+    def length(self, key: str) -> int:
+        _, a, b = self._locate(key)
+        return b - a
+
+    def batch(self, keys: Sequence[str]):
+        """Zero-padded ``(Z (B, Tmax, F) float32 tensor, mask (B, Tmax) bool tensor, True = real)``."""
+        import torch
+
+        locs = [self._locate(k) for k in keys]
+        tmax = max((b - a for _, a, b in locs), default=0)
+        z = np.zeros((len(locs), tmax, self.info.dim), dtype=np.float32)
+        mask = np.zeros((len(locs), tmax), dtype=bool)
+        for i, (s, a, b) in enumerate(locs):
+            z[i, : b - a] = s.data[a:b]
+            mask[i, : b - a] = True
+        return torch.from_numpy(z), torch.from_numpy(mask)
+
+    @property
+    def n_shards(self) -> int:
+        return len(self._shards)
+
+    @property
+    def n_rows(self) -> int:
+        return sum(int(s.offsets[-1]) for s in self._shards)
+
+    # ---- writing (callers hold the lock; see ``writer``)
+    @contextlib.contextmanager
+    def writer(self):
+        """Exclusive write access for one process; cleans temp files and index-less shard data."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        lock = open(self.folder / ".lock", "a+")  # held for the whole block
+        try:
+            try:
+                import fcntl
+
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except ImportError:  # pragma: no cover - non-POSIX: no cross-process lock
+                pass
+            except OSError as e:
+                raise DataError("another process is writing these features", path=self.folder,
+                                fix="wait for the other `atae extract`/training to finish") from e
+            self._cleanup()
+            self.refresh()
+            if self._damaged:
+                self._quarantine()
+            yield self
+        finally:
+            lock.close()
+
+    def _cleanup(self) -> None:
+        committed = {int(m.group(1)) for p in self.folder.glob("shard-*.json")
+                     if (m := _SHARD_RE.match(p.name))}
+        for p in self.folder.iterdir():
+            if p.name.startswith(".") and ".tmp-" in p.name:
+                p.unlink(missing_ok=True)
+            elif (m := _ANY_SHARD_RE.match(p.name)) and int(m.group(1)) not in committed:
+                p.unlink(missing_ok=True)  # data of a batch whose index never landed
+
+    def _quarantine(self) -> None:
+        """Move damaged shards to ``damaged/`` (kept for inspection, never read); keys get re-extracted."""
+        dest = self.folder / "damaged"
+        dest.mkdir(exist_ok=True)
+        for num in self._damaged:
+            index = self.folder / f"shard-{num:05d}.json"
+            if index.exists():
+                os.replace(index, dest / index.name)  # index first: the shard stops being committed
+            for p in self.folder.glob(f"shard-{num:05d}.*"):
+                os.replace(p, dest / p.name)
+        _fsync_dir(self.folder)
+        self._damaged = []
+
+    def _next_num(self) -> int:
+        files = list(self.folder.iterdir())
+        if (self.folder / "damaged").is_dir():
+            files += list((self.folder / "damaged").iterdir())  # never reuse a quarantined number
+        nums = [int(m.group(1)) for p in files if (m := _ANY_SHARD_RE.match(p.name))]
+        return max(nums, default=-1) + 1
+
+    def append(self, keys: list[str], seqs: list[np.ndarray], times: list[np.ndarray] | None = None,
+               tags: list[np.ndarray] | None = None) -> None:
+        """Commit one shard: data files first, index last (the commit point)."""
+        if not keys:
+            return
+        if len(set(keys)) != len(keys) or any(k in self._where for k in keys):
+            raise ValueError("append: duplicate keys")
+        lens = [int(s.shape[0]) for s in seqs]
+        if any(n < 1 for n in lens) or any(s.ndim != 2 or s.shape[1] != self.info.dim for s in seqs):
+            raise ValueError(f"append: sequences must be (T>=1, {self.info.dim})")
+        num = self._next_num()
+        base = self.folder / f"shard-{num:05d}"
+        data = np.ascontiguousarray(np.concatenate(seqs, axis=0), dtype=np.float32)
+        _atomic_npy(base.with_suffix(".npy"), data)
+        if times is not None:
+            _atomic_npy(Path(f"{base}.times.npy"), np.concatenate(times, axis=0).astype(np.float64))
+        if tags is not None:
+            _atomic_npy(Path(f"{base}.tags.npy"), np.concatenate(tags, axis=0).astype(np.float32))
+        offsets = np.concatenate([[0], np.cumsum(lens)]).tolist()
+        _atomic_json(base.with_suffix(".json"), {
+            "format": FORMAT_VERSION, "keys": list(keys), "offsets": offsets, "rows": int(data.shape[0]),
+            "dim": self.info.dim, "dtype": "float32", "has_times": times is not None,
+            "has_tags": tags is not None, "created": time.time(),
+        })
+        _fsync_dir(self.folder)
+        shard = self._open_shard(num)
+        if shard is None:  # pragma: no cover - we just wrote it
+            raise DataError("shard could not be read back after writing", path=base.with_suffix(".json"))
+        pos = len(self._shards)
+        self._shards.append(shard)
+        for i, k in enumerate(keys):
+            self._where[k] = (pos, offsets[i], offsets[i + 1])
+
+    def set_failures(self, new: dict[str, tuple[str, str]], succeeded: Iterable[str] = ()) -> None:
+        """Record ``key -> (path, reason)`` failures; drop keys that now succeeded."""
+        succeeded = set(succeeded)
+        merged = {k: {"path": self._failed_paths.get(k, k), "reason": r} for k, r in self.failed.items()
+                  if k not in succeeded and k not in self._where}
+        merged.update({k: {"path": p, "reason": r} for k, (p, r) in new.items()})
+        if merged == {k: {"path": self._failed_paths.get(k, k), "reason": r} for k, r in self.failed.items()}:
+            return
+        _atomic_json(self.folder / "failed.json", merged)
+        self.failed = {k: v["reason"] for k, v in merged.items()}
+        self._failed_paths = {k: v["path"] for k, v in merged.items()}
+
+    def update_manifest(self) -> None:
+        counts = {"keys": len(self), "rows": self.n_rows, "shards": self.n_shards, "failed": len(self.failed)}
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            if json.loads((self.folder / "manifest.json").read_text())["counts"] == counts:
+                return  # a run that changed nothing writes nothing
+        self._write_manifest(counts=counts)
+
+    def compact(self, target_bytes: int = COMPACT_TARGET_BYTES, min_small: int = 4) -> int:
+        """Merge small shards into shards of up to ``target_bytes``; returns how many were merged away.
+
+        Only shards under ``target_bytes / 8`` count as small, and nothing happens below ``min_small``
+        of them, so an incremental run adding a batch or two never rewrites much data. Crash-safe: the
+        merged shard is committed before the old indexes and data are removed, and a reader tolerates
+        the brief duplicate (identical numbers).
+        """
+        small = [s for s in self._shards if s.nbytes < target_bytes // 8]
+        if len(small) < max(2, min_small):
+            return 0
+        groups, cur, size = [], [], 0
+        for s in small:
+            if cur and size + s.nbytes > target_bytes:
+                groups.append(cur)
+                cur, size = [], 0
+            cur.append(s)
+            size += s.nbytes
+        groups.append(cur)
+        merged = 0
+        for g in (g for g in groups if len(g) >= 2):
+            has_times = all(s.times is not None for s in g)
+            has_tags = all(s.tags is not None for s in g)
+            mixed_times = not has_times and any(s.times is not None for s in g)
+            mixed_tags = not has_tags and any(s.tags is not None for s in g)
+            if mixed_times or mixed_tags:
+                continue  # inconsistent shards: leave them alone
+            pos_of = {id(s): p for p, s in enumerate(self._shards)}
+            keys, seqs, times, tags = [], [], [], []
+            for s in g:
+                for i, k in enumerate(s.keys):
+                    if self._where.get(k, (-1,))[0] != pos_of[id(s)]:
+                        continue  # a duplicate already served by another shard
+                    a, b = int(s.offsets[i]), int(s.offsets[i + 1])
+                    keys.append(k)
+                    seqs.append(np.asarray(s.data[a:b]))
+                    if has_times:
+                        times.append(np.asarray(s.times[a:b]))
+                    if has_tags:
+                        tags.append(np.asarray(s.tags[a:b]))
+            for k in keys:
+                del self._where[k]
+            self.append(keys, seqs, times if has_times else None, tags if has_tags else None)
+            for s in g:
+                base = self.folder / f"shard-{s.num:05d}"
+                base.with_suffix(".json").unlink(missing_ok=True)
+            _fsync_dir(self.folder)
+            for s in g:
+                base = self.folder / f"shard-{s.num:05d}"
+                for suffix in (".npy", ".times.npy", ".tags.npy"):
+                    Path(f"{base}{suffix}").unlink(missing_ok=True)
+            merged += len(g) - 1
+        if merged:
+            self.refresh()
+        return merged
+
+
+class FeatureStore:
+    """A folder of per-tower ``SequenceTable``s (see the module docstring for the layout)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def table(self, info: TowerInfo, *, create: bool = True) -> SequenceTable:
+        if info.kind not in ("audio", "text"):
+            raise ValueError(f"tower kind must be audio or text, not {info.kind!r}")
+        return SequenceTable(self.root / info.kind / info.key(), info, create=create)
+
+    def audio_table(self, info: TowerInfo, *, create: bool = True) -> SequenceTable:
+        if info.kind != "audio":
+            raise ValueError(f"{info.name} is a {info.kind} tower")
+        return self.table(info, create=create)
+
+    def text_table(self, info: TowerInfo, *, create: bool = True) -> SequenceTable:
+        if info.kind != "text":
+            raise ValueError(f"{info.name} is a {info.kind} tower")
+        return self.table(info, create=create)
+
+
+# ------------------------------------------------------------------------------------- extraction
+
+
+@dataclass
+class ExtractReport:
+    """What one extraction did. ``failed``: (path or key, reason) of every item that has no features."""
+
+    done: int = 0
+    skipped: int = 0  # already in the store
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    parts: dict[str, ExtractReport] = field(default_factory=dict)  # "audio"/"text" in a combined report
+
+    def __add__(self, other: ExtractReport) -> ExtractReport:
+        return ExtractReport(self.done + other.done, self.skipped + other.skipped,
+                             self.failed + other.failed, self.seconds + other.seconds)
+
+    def summary(self) -> str:
+        lines = [f"{self.done} extracted, {self.skipped} already cached, {len(self.failed)} failed"
+                 f" ({self.seconds:.1f} s)"]
+        for what, r in self.parts.items():
+            lines.append(f"  {what}: {r.done} extracted, {r.skipped} cached, {len(r.failed)} failed")
+        for path, reason in self.failed:
+            lines.append(f"  failed: {path}: {reason}")
+        return "\n".join(lines)
+
+
+def _resolve_table(table_or_store, tower, kind: str) -> SequenceTable:
+    if isinstance(table_or_store, FeatureStore):
+        return table_or_store.table(tower.info)
+    if isinstance(table_or_store, (str, Path)):
+        return FeatureStore(table_or_store).table(tower.info)
+    table = table_or_store
+    if table.info.to_dict() != tower.info.to_dict() or table.info.kind != kind:
+        raise DataError(f"the table holds features of {table.info.name} ({table.info.key()}), "
+                        f"not of the {kind} tower {tower.info.name} ({tower.info.key()})",
+                        path=table.folder, fix="open the table with FeatureStore.table(tower.info)")
+    return table
+
+
+def _unique_todo(items, table: SequenceTable) -> tuple[list[tuple[str, object]], int]:
+    seen, todo, skipped = set(), [], 0
+    for key, value in items:
+        if key in seen:
+            continue
+        seen.add(key)
+        if key in table:
+            skipped += 1
+        else:
+            todo.append((key, value))
+    return todo, skipped
+
+
+def _progress(total: int, desc: str, progress: bool, unit: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=None if progress else True, dynamic_ncols=True,
+                file=sys.stderr, smoothing=0.1)
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """numpy's BLAS at >1 thread next to torch slowed feature loops 2-2.5x on 2 cores (facts.md §4)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def _decode_batch(batch, loader, sample_rate):
+    out = []
+    for key, path in batch:
+        if path is None:
+            out.append((key, "", None, f"{key}: audio file not found"))
+            continue
+        try:
+            wave = np.asarray(loader(path, sample_rate), dtype=np.float32)
+            if wave.ndim != 1 or wave.size == 0:
+                raise AudioError("decoded to no samples", path=path, fix="check the file")
+            out.append((key, path, wave, None))
+        except AtaeError as e:
+            msg = str(e)  # the report pairs the reason with the path already: do not repeat it
+            out.append((key, path, None, msg.removeprefix(f"{e.path}: ") if e.path else msg))
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a per-file failure
+            out.append((key, path, None, f"{type(e).__name__}: {e}"))
+    return out
+
+
+def extract_audio(table_or_store, tower: AudioTower, items: Sequence[tuple[str, str | Path]], *,
+                  batch_size: int = 16, progress: bool = True, num_workers: int | None = None,
+                  loader: Callable | None = None, compact: bool = True) -> ExtractReport:
+    """Encode ``(key, audio path)`` items not yet in the store, one committed shard per batch.
+
+    ``num_workers=1`` decodes the next batch in a background thread while the tower runs the current
+    one (soundfile and soxr release the GIL); 0 decodes inline; None (default) picks 1 only with at
+    least 4 CPUs. Measured with aisfx on 2 busy cores (bench/bench_features.py): decoding is ~3-7% of
+    the tower's time, so overlap can win at most that, and a second busy thread there cost more than
+    it saved. ``loader(path, sr)`` defaults to ``atae.audio.load_audio``. Unreadable files are
+    reported, recorded in ``failed.json`` and skipped; the run goes on.
+    """
+    if loader is None:
+        from atae.audio import load_audio as loader
+    t0 = time.perf_counter()
+    table = _resolve_table(table_or_store, tower, "audio")
+    report = ExtractReport()
+    if num_workers is None:
+        num_workers = 1 if (os.cpu_count() or 1) >= 4 else 0
+    with table.writer(), _one_blas_thread():
+        todo, report.skipped = _unique_todo(items, table)
+        batches = [todo[i:i + batch_size] for i in range(0, len(todo), max(1, batch_size))]
+        bar = _progress(len(todo), f"audio {tower.info.name}", progress, "clip")
+        pool = ThreadPoolExecutor(1) if num_workers > 0 and len(batches) > 1 else None
+        try:
+            nxt = pool.submit(_decode_batch, batches[0], loader, tower.sample_rate) if pool and batches \
+                else None
+            for bi, batch in enumerate(batches):
+                decoded = nxt.result() if pool else _decode_batch(batch, loader, tower.sample_rate)
+                if pool and bi + 1 < len(batches):
+                    nxt = pool.submit(_decode_batch, batches[bi + 1], loader, tower.sample_rate)
+                failures = {k: (str(p) or k, r) for k, p, w, r in decoded if w is None}
+                good = [(k, w) for k, p, w, r in decoded if w is not None]
+                encs: list[AudioEncoding] = tower.encode_many([w for _, w in good]) if good else []
+                if len(encs) != len(good):
+                    raise RuntimeError(f"{tower.info.name}.encode_many returned {len(encs)} for {len(good)}")
+                keys, seqs, times, tags = [], [], [], []
+                for (k, _), enc in zip(good, encs, strict=True):
+                    if enc.seq.shape[0] < 1 or enc.seq.shape[1] != table.info.dim:
+                        failures[k] = (str(dict(batch)[k]), f"tower returned shape {enc.seq.shape}")
+                        continue
+                    keys.append(k)
+                    seqs.append(enc.seq)
+                    times.append(enc.times)
+                    tags.append(enc.tags)
+                with_tags = [t is not None for t in tags]
+                if any(with_tags) and not all(with_tags):
+                    raise RuntimeError(f"{tower.info.name} returned tags for some clips only")
+                table.append(keys, seqs, times, tags if any(with_tags) else None)
+                table.set_failures(failures, succeeded=keys)
+                report.done += len(keys)
+                report.failed.extend(failures.values())
+                bar.update(len(batch))
+                if failures:
+                    bar.set_postfix(failed=len(report.failed))
+        finally:
+            bar.close()
+            if pool:
+                pool.shutdown(wait=True, cancel_futures=True)
+            table.update_manifest()
+        if compact:
+            table.compact()
+            table.update_manifest()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def extract_text(table_or_store, tower: TextTower, items: Sequence[tuple[str, str]], *,
+                 batch_size: int = 64, progress: bool = True, compact: bool = True) -> ExtractReport:
+    """Encode ``(key, text)`` items not yet in the store. Empty/blank texts are reported, not encoded."""
+    t0 = time.perf_counter()
+    table = _resolve_table(table_or_store, tower, "text")
+    report = ExtractReport()
+    with table.writer(), _one_blas_thread():
+        todo, report.skipped = _unique_todo(items, table)
+        bar = _progress(len(todo), f"text {tower.info.name}", progress, "text")
+        try:
+            for i in range(0, len(todo), max(1, batch_size)):
+                batch = todo[i:i + batch_size]
+                failures: dict[str, tuple[str, str]] = {}
+                good = []
+                for k, text in batch:
+                    if not isinstance(text, str) or not text.strip():
+                        failures[k] = (k, "empty caption")
+                    else:
+                        good.append((k, text))
+                seqs = tower.encode([t for _, t in good]) if good else []
+                if len(seqs) != len(good):
+                    raise RuntimeError(f"{tower.info.name}.encode returned {len(seqs)} for {len(good)}")
+                keys, ok = [], []
+                for (k, _), s in zip(good, seqs, strict=True):
+                    s = np.asarray(s, dtype=np.float32)
+                    if s.ndim != 2 or s.shape[0] < 1 or s.shape[1] != table.info.dim:
+                        failures[k] = (k, f"tower returned shape {s.shape}")
+                        continue
+                    keys.append(k)
+                    ok.append(s)
+                table.append(keys, ok)
+                table.set_failures(failures, succeeded=keys)
+                report.done += len(keys)
+                report.failed.extend(failures.values())
+                bar.update(len(batch))
+        finally:
+            bar.close()
+            table.update_manifest()
+        if compact:
+            table.compact()
+            table.update_manifest()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def caption_key(clip_key: str, i: int) -> str:
+    """Text-store key of caption ``i`` (0-based, CSV order) of a clip."""
+    return f"{clip_key}#{i}"
+
+
+def ensure_dataset_features(dataset, audio_tower: AudioTower, text_tower: TextTower, feats_dir, *,
+                            progress: bool = True, batch_size: int | None = None, loader=None):
+    """Make sure every clip and caption of ``dataset`` is cached; returns (audio, text, report).
+
+    Audio keys are clip keys; text keys are ``caption_key(clip.key, i)``. Idempotent: when everything
+    is cached no tower runs (failed items are retried, which for unreadable audio costs a decode only).
+    """
+    store = FeatureStore(feats_dir)
+    audio_items = [(c.key, c.path) for c in dataset.clips]
+    text_items = [(caption_key(c.key, i), cap) for c in dataset.clips for i, cap in enumerate(c.captions)]
+    a_kw = {"batch_size": batch_size} if batch_size else {}
+    t_kw = {"batch_size": max(batch_size, 64)} if batch_size else {}
+    audio_table = store.audio_table(audio_tower.info)
+    ra = extract_audio(audio_table, audio_tower, audio_items, progress=progress, loader=loader, **a_kw)
+    text_table = store.text_table(text_tower.info)
+    rt = extract_text(text_table, text_tower, text_items, progress=progress, **t_kw)
+    report = ra + rt
+    report.parts = {"audio": ra, "text": rt}
+    return audio_table, text_table, report

@@ -1,0 +1,371 @@
+"""The library's metadata store: one SQLite file that is the single source of truth.
+
+Everything that must survive a crash lives here, written in transactions (WAL journal): the files, their
+segments (time spans), each segment's *raw* tower embedding (float32 BLOB) and, for towers with an
+AudioSet head, its 527 tag probabilities (float16 BLOB). The FAISS index (``vectors.py``) is a derived
+cache rebuilt from these rows, so a ``kill -9`` can at worst lose the batch in flight.
+
+Tables
+* ``meta(key, value)``: schema version, audio tower info (JSON), window policy, model dir + checksum,
+  a ``generation`` counter bumped by every commit (readers use it to notice new data cheaply).
+* ``files``: id, path (absolute, as found), size, mtime_ns, content hash (``fast_hash``), duration,
+  sample_rate, channels, encoder (tower key), model_version, status ('ok' | 'failed'), error, indexed_at.
+* ``segments``: id (= the vector id in FAISS), file_id, seg_index, start_s, end_s, n_elems, raw, tags.
+  ``raw`` is the tower's whole sequence for the segment (n_elems x F float32, e.g. aiSFX's 2.3 s blocks),
+  because a model's adapter is a per-element MLP followed by the mean: the mean must come after the
+  adapter, so the elements are kept. ``tags`` is the element-mean of the tag probabilities.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from atae.errors import LibraryError
+
+SCHEMA_VERSION = 1
+DB_NAME = "library.sqlite"
+HASH_BLOCK = 1 << 20  # 1 MiB
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    path TEXT NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    hash TEXT,
+    duration REAL,
+    sample_rate INTEGER,
+    channels INTEGER,
+    encoder TEXT,
+    model_version TEXT,
+    status TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
+    error TEXT,
+    indexed_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS segments (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
+    seg_index INTEGER NOT NULL,
+    start_s REAL NOT NULL,
+    end_s REAL NOT NULL,
+    n_elems INTEGER NOT NULL,
+    raw BLOB NOT NULL,
+    tags BLOB
+);
+CREATE INDEX IF NOT EXISTS segments_file ON segments(file_id);
+"""
+
+
+def fast_hash(path: str | Path, size: int | None = None) -> str:
+    """Content fingerprint that costs at most 2 MiB of reading: sha1 of the size, the first 1 MiB and
+    the last 1 MiB. It tells a touched-but-identical file (same hash: nothing re-encoded) from an edited
+    one; an edit confined to the middle of a file larger than 2 MiB is caught by size/mtime instead."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        if size is None:
+            size = os.fstat(f.fileno()).st_size
+        h.update(str(size).encode())
+        h.update(f.read(HASH_BLOCK))
+        if size > 2 * HASH_BLOCK:
+            f.seek(size - HASH_BLOCK)
+            h.update(f.read(HASH_BLOCK))
+        elif size > HASH_BLOCK:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+@dataclass
+class FileRow:
+    id: int
+    path: str
+    size: int
+    mtime_ns: int
+    hash: str | None
+    duration: float | None
+    sample_rate: int | None
+    channels: int | None
+    encoder: str | None
+    model_version: str | None
+    status: str
+    error: str | None
+
+
+@dataclass
+class SegmentIn:
+    """A segment to store: its span and the tower's raw vector (and tags)."""
+
+    start_s: float
+    end_s: float
+    raw: np.ndarray  # (T, F) float32: the tower's sequence for this span
+    tags: np.ndarray | None = None  # (527,) probabilities
+
+
+class LibraryDB:
+    """Thin typed wrapper over the SQLite file. Not thread-safe: one per thread (the server makes one
+    per request thread via ``clone``)."""
+
+    def __init__(self, root: Path, *, create: bool = False):
+        self.root = Path(root)
+        self.path = self.root / DB_NAME
+        if not self.path.exists() and not create:
+            raise LibraryError(
+                "no library here (library.sqlite is missing)",
+                path=self.root,
+                fix="create it with `atae index DIR --db LIB`",
+            )
+        try:
+            self.conn = sqlite3.connect(
+                str(self.path), timeout=60.0, isolation_level=None, check_same_thread=False
+            )
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")  # WAL+NORMAL: durable across process crashes
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            self.conn.executescript(_SCHEMA) if create else None
+            version = self.get_meta("schema_version")
+        except sqlite3.DatabaseError as exc:
+            raise LibraryError(
+                f"library database is unreadable ({exc})",
+                path=self.path,
+                fix="restore it from a backup or delete the folder and index again",
+            ) from exc
+        if version is None:
+            if not create:
+                raise LibraryError(
+                    "library.sqlite has no atae schema",
+                    path=self.path,
+                    fix="point --db at a folder made by `atae index`",
+                )
+            self.set_meta("schema_version", str(SCHEMA_VERSION))
+        elif int(version) > SCHEMA_VERSION:
+            raise LibraryError(
+                f"library schema {version} is newer than this atae ({SCHEMA_VERSION})",
+                path=self.path,
+                fix="upgrade atae",
+            )
+
+    def clone(self) -> LibraryDB:
+        return LibraryDB(self.root)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # --- meta -----------------------------------------------------------------------------------
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        try:
+            row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        except sqlite3.OperationalError:  # no meta table yet
+            return default
+        return row[0] if row else default
+
+    def get_meta_json(self, key: str):
+        v = self.get_meta(key)
+        return None if v is None else json.loads(v)
+
+    def set_meta(self, key: str, value, *, as_json: bool = False) -> None:
+        v = json.dumps(value, sort_keys=True) if as_json else str(value)
+        self.conn.execute(
+            "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            (key, v),
+        )
+
+    def generation(self) -> int:
+        return int(self.get_meta("generation", "0"))
+
+    def transaction(self):
+        return _Tx(self)
+
+    # --- files ----------------------------------------------------------------------------------
+    def files_under(self, root: str) -> dict[str, FileRow]:
+        """Rows whose path lies under ``root`` (a directory) or equals it (a single file)."""
+        root = root.rstrip(os.sep)
+        pat = root.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + os.sep + "%"
+        cur = self.conn.execute(
+            f"SELECT {_FILE_COLS} FROM files WHERE path = ? OR path LIKE ? ESCAPE '\\'", (root, pat)
+        )
+        return {r[1]: FileRow(*r) for r in cur}
+
+    def file(self, file_id: int) -> FileRow | None:
+        r = self.conn.execute(f"SELECT {_FILE_COLS} FROM files WHERE id=?", (int(file_id),)).fetchone()
+        return FileRow(*r) if r else None
+
+    def file_by_hash(self, h: str) -> FileRow | None:
+        r = self.conn.execute(
+            f"SELECT {_FILE_COLS} FROM files WHERE hash=? AND status='ok' LIMIT 1", (h,)
+        ).fetchone()
+        return FileRow(*r) if r else None
+
+    def failed_files(self) -> list[FileRow]:
+        return [
+            FileRow(*r)
+            for r in self.conn.execute(f"SELECT {_FILE_COLS} FROM files WHERE status='failed' ORDER BY path")
+        ]
+
+    def counts(self) -> dict:
+        files_ok = self.conn.execute("SELECT count(*) FROM files WHERE status='ok'").fetchone()[0]
+        failed = self.conn.execute("SELECT count(*) FROM files WHERE status='failed'").fetchone()[0]
+        segs, dur = self.conn.execute(
+            "SELECT (SELECT count(*) FROM segments), (SELECT coalesce(sum(duration), 0) FROM files "
+            "WHERE status='ok')"
+        ).fetchone()
+        return {"files": files_ok, "failed": failed, "segments": segs, "hours": dur / 3600.0}
+
+    def put_file(
+        self,
+        *,
+        path: str,
+        size: int,
+        mtime_ns: int,
+        hash: str | None,
+        duration: float | None,
+        sample_rate: int | None,
+        channels: int | None,
+        encoder: str | None,
+        model_version: str | None,
+        status: str,
+        error: str | None,
+        segments: list[SegmentIn] = (),
+    ) -> int:
+        """Insert or replace one file and its segments (call inside a transaction). Replacing deletes
+        the old segments, so their vector ids disappear and new ones are allocated."""
+        self.conn.execute("DELETE FROM files WHERE path=?", (path,))
+        cur = self.conn.execute(
+            "INSERT INTO files(path, size, mtime_ns, hash, duration, sample_rate, channels, encoder, "
+            "model_version, status, error, indexed_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                path,
+                size,
+                mtime_ns,
+                hash,
+                duration,
+                sample_rate,
+                channels,
+                encoder,
+                model_version,
+                status,
+                error,
+                time.time(),
+            ),
+        )
+        fid = cur.lastrowid
+        self.conn.executemany(
+            "INSERT INTO segments(file_id, seg_index, start_s, end_s, n_elems, raw, tags) VALUES (?,?,?,?,?,?,?)",
+            [
+                (
+                    fid,
+                    i,
+                    float(s.start_s),
+                    float(s.end_s),
+                    int(np.asarray(s.raw).reshape(-1, np.asarray(s.raw).shape[-1]).shape[0]),
+                    _blob(s.raw, np.float32),
+                    None if s.tags is None else _blob(s.tags, np.float16),
+                )
+                for i, s in enumerate(segments)
+            ],
+        )
+        return fid
+
+    def touch_file(self, file_id: int, size: int, mtime_ns: int) -> None:
+        self.conn.execute("UPDATE files SET size=?, mtime_ns=? WHERE id=?", (size, mtime_ns, file_id))
+
+    def move_file(self, file_id: int, new_path: str, size: int, mtime_ns: int) -> None:
+        self.conn.execute("DELETE FROM files WHERE path=?", (new_path,))
+        self.conn.execute(
+            "UPDATE files SET path=?, size=?, mtime_ns=? WHERE id=?", (new_path, size, mtime_ns, file_id)
+        )
+
+    def delete_files(self, ids: list[int]) -> None:
+        self.conn.executemany("DELETE FROM files WHERE id=?", [(int(i),) for i in ids])
+
+    def set_model_version(self, version: str | None) -> None:
+        self.conn.execute("UPDATE files SET model_version=? WHERE status='ok'", (version,))
+
+    # --- segments -------------------------------------------------------------------------------
+    def segment_ids(self) -> np.ndarray:
+        return np.fromiter(
+            (r[0] for r in self.conn.execute("SELECT id FROM segments ORDER BY id")), dtype=np.int64
+        )
+
+    def iter_raw(self, ids: np.ndarray | None = None, batch: int = 1024):
+        """Yield (ids (n,), [ (T_i, F) float32 sequences ]) in id order: all segments or the given ids."""
+
+        def pack(rows):
+            return (np.array([r[0] for r in rows], dtype=np.int64),
+                    [np.frombuffer(r[2], dtype=np.float32).reshape(r[1], -1) for r in rows])
+
+        if ids is None:
+            cur = self.conn.execute("SELECT id, n_elems, raw FROM segments ORDER BY id")
+            while rows := cur.fetchmany(batch):
+                yield pack(rows)
+            return
+        ids = np.asarray(ids, dtype=np.int64)
+        for i in range(0, len(ids), 500):
+            chunk = [int(x) for x in ids[i : i + 500]]
+            q = ",".join("?" * len(chunk))
+            rows = self.conn.execute(
+                f"SELECT id, n_elems, raw FROM segments WHERE id IN ({q}) ORDER BY id", chunk
+            ).fetchall()
+            if rows:
+                yield pack(rows)
+
+    def tags_matrix(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """(segment ids, (n, 527) float32 tag probabilities) for the zero-shot scorers; None if no tags."""
+        rows = self.conn.execute(
+            "SELECT id, tags FROM segments WHERE tags IS NOT NULL ORDER BY id"
+        ).fetchall()
+        if not rows:
+            return np.zeros(0, dtype=np.int64), None
+        return (
+            np.array([r[0] for r in rows], dtype=np.int64),
+            np.stack([np.frombuffer(r[1], dtype=np.float16) for r in rows]).astype(np.float32),
+        )
+
+    def segment_rows(self, ids: list[int]) -> dict[int, tuple]:
+        """id -> (file_id, path, duration, start_s, end_s) for live ids (missing ids are left out)."""
+        out: dict[int, tuple] = {}
+        for i in range(0, len(ids), 500):
+            chunk = [int(x) for x in ids[i : i + 500]]
+            q = ",".join("?" * len(chunk))
+            for r in self.conn.execute(
+                "SELECT s.id, s.file_id, f.path, f.duration, s.start_s, s.end_s FROM segments s "
+                f"JOIN files f ON f.id = s.file_id WHERE s.id IN ({q})",
+                chunk,
+            ):
+                out[r[0]] = r[1:]
+        return out
+
+
+_FILE_COLS = (
+    "id, path, size, mtime_ns, hash, duration, sample_rate, channels, encoder, model_version, status, error"
+)
+
+
+def _blob(a: np.ndarray, dtype) -> bytes:
+    return np.ascontiguousarray(np.asarray(a, dtype=dtype).reshape(-1)).tobytes()
+
+
+class _Tx:
+    """``with db.transaction():`` BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error), bumping ``generation``."""
+
+    def __init__(self, db: LibraryDB):
+        self.db = db
+
+    def __enter__(self):
+        self.db.conn.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.db.set_meta("generation", self.db.generation() + 1)
+            self.db.conn.execute("COMMIT")
+        else:
+            self.db.conn.execute("ROLLBACK")
+        return False

@@ -1,0 +1,320 @@
+"""Incremental, resumable, crash-safe indexing of folders into a library.
+
+Windowing policy (why: a model is trained on whole 15-30 s clips, and a search must still find a
+3-second event in a 10-minute recording and say where it is):
+
+* a file of at most ``long_s`` = 30 s is **one segment**: the tower's whole-clip embedding, span
+  0..duration (the same representation the model was trained on);
+* a longer file is cut into **windows of ``window_s`` = 10 s every ``hop_s`` = 5 s** (the last window
+  aligned to the end, ``atae.towers.base.window_spans``), each encoded on its own as a whole clip, so any
+  event up to 5 s long lies entirely inside at least one window and fills >= 30 % of it; the result
+  reports the best window's span. Long files are decoded in pages of ``PAGE_S`` so memory stays small.
+  The tower's whole sequence for each segment is stored (see ``db.py``); tags are element-averaged.
+
+Incremental rules (per file, by absolute path): unknown -> *new*; same size and mtime -> *unchanged*;
+size/mtime differ but the same ``fast_hash`` -> *unchanged* (only the stat is updated); a new path whose
+hash equals a vanished file's -> *moved* (row re-pointed, nothing re-encoded); otherwise -> *changed*
+(re-encoded); in the library under an indexed root but no longer on disk -> *removed*. A file that failed
+before is retried only when it changes. Files are committed in batches, one SQLite transaction each,
+so an interrupted run keeps every finished batch and the next run does only what is left.
+
+A file that changes or disappears while it is being encoded is not stored (its stat is compared before
+and after); it is reported and picked up by the next run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from atae.errors import AtaeError, AudioError
+from atae.library.db import SegmentIn, fast_hash
+from atae.library.scan import Found, scan, under
+
+LONG_S = 30.0
+WINDOW_S = 10.0
+HOP_S = 5.0
+PAGE_S = 300.0
+BATCH_FILES = 16
+BATCH_SECONDS = 10.0  # commit at least this often (wall clock), so a crash loses little work
+SAVE_SECONDS = 60.0  # write the FAISS file at most this often during a run (and at the end)
+
+
+@dataclass
+class IndexReport:
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    moved: int = 0
+    removed: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this run
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # changed/vanished during the run
+    previously_failed: int = 0  # unchanged files that failed before (not retried)
+    segments_added: int = 0
+    audio_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+    @property
+    def realtime_factor(self) -> float:
+        return self.audio_seconds / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "new": self.new,
+            "changed": self.changed,
+            "unchanged": self.unchanged,
+            "moved": self.moved,
+            "removed": self.removed,
+            "failed": [list(x) for x in self.failed],
+            "skipped": [list(x) for x in self.skipped],
+            "previously_failed": self.previously_failed,
+            "segments_added": self.segments_added,
+            "audio_seconds": round(self.audio_seconds, 3),
+            "wall_seconds": round(self.wall_seconds, 3),
+        }
+
+    def summary(self) -> str:
+        s = (
+            f"new {self.new}, changed {self.changed}, unchanged {self.unchanged}, moved {self.moved}, "
+            f"removed {self.removed}, failed {len(self.failed)}"
+        )
+        if self.skipped:
+            s += f", skipped {len(self.skipped)} (changed while indexing; next run retries)"
+        if self.audio_seconds:
+            s += (
+                f"; {self.audio_seconds / 60:.1f} min of audio in {self.wall_seconds:.1f} s "
+                f"({self.realtime_factor:.0f}x real time)"
+            )
+        return s
+
+
+def segment_plan(
+    duration: float, *, long_s: float, window_s: float, hop_s: float
+) -> list[tuple[float, float]]:
+    """The spans (seconds) a file of ``duration`` is indexed as (see the module docstring)."""
+    from atae.towers.base import window_spans
+
+    if duration <= long_s:
+        return [(0.0, duration)]
+    ms = 1000  # plan in milliseconds, independent of the tower's sample rate
+    return [(a / ms, b / ms) for a, b in window_spans(int(round(duration * ms)), ms, window_s, hop_s)]
+
+
+def encode_file(tower, path: str, *, long_s: float, window_s: float, hop_s: float):
+    """(duration, sample_rate, channels, [SegmentIn]) for one file; raises AudioError if unreadable."""
+    from atae.audio import load_audio, probe
+
+    info = probe(path)
+    if info.frames <= 0 or info.duration <= 0:
+        raise AudioError("no audio frames in the file", path=path, fix="re-encode or remove it")
+    spans = segment_plan(info.duration, long_s=long_s, window_s=window_s, hop_s=hop_s)
+    sr = tower.sample_rate
+    segs: list[SegmentIn] = []
+    if len(spans) == 1:
+        wave = load_audio(path, sr)
+        segs.append(_segment(tower.encode(wave), 0.0, info.duration))
+        return info.duration, info.sample_rate, info.channels, segs
+    # group windows into pages so a long file is decoded page by page, not all at once
+    i = 0
+    while i < len(spans):
+        p0 = spans[i][0]
+        j = i
+        while j < len(spans) and spans[j][1] - p0 <= PAGE_S:
+            j += 1
+        j = max(j, i + 1)
+        p1 = spans[j - 1][1]
+        page = load_audio(path, sr, start_s=p0, duration_s=p1 - p0)
+        chunks = []
+        for a, b in spans[i:j]:
+            s0, s1 = int(round((a - p0) * sr)), int(round((b - p0) * sr))
+            chunks.append(page[s0 : min(s1, len(page))])
+        for (a, b), enc in zip(spans[i:j], tower.encode_many(chunks), strict=True):
+            segs.append(_segment(enc, a, b))
+        i = j
+    return info.duration, info.sample_rate, info.channels, segs
+
+
+def _segment(enc, start: float, end: float) -> SegmentIn:
+    raw = np.asarray(enc.seq, dtype=np.float32)
+    tags = None if enc.tags is None else np.asarray(enc.tags, dtype=np.float32).mean(axis=0)
+    return SegmentIn(start, end, raw, tags)
+
+
+def _stat(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def run_index(lib, roots, *, exts=None, progress: bool = True, batch_files: int = BATCH_FILES) -> IndexReport:
+    """Bring the library up to date with ``roots`` (the caller holds the writer lock)."""
+    t0 = time.perf_counter()
+    rep = IndexReport()
+    db = lib.db
+    found, abs_roots = scan(roots, exts)
+    known = {}
+    for r in abs_roots:
+        known.update(db.files_under(r))
+    on_disk = {f.path for f in found}
+    gone = [row for p, row in known.items() if p not in on_disk and any(under(p, r) for r in abs_roots)]
+    gone_by_hash = {row.hash: row for row in gone if row.status == "ok" and row.hash}
+
+    todo: list[tuple[Found, str, str | None]] = []  # (found, "new"|"changed", hash)
+    touch, moves = [], []
+    for f in found:
+        row = known.get(f.path)
+        if row is not None and row.size == f.size and row.mtime_ns == f.mtime_ns:
+            if row.status == "failed":
+                rep.previously_failed += 1
+            rep.unchanged += 1
+            continue
+        try:
+            h = fast_hash(f.path, f.size)
+        except OSError as exc:
+            rep.skipped.append((f.path, f"could not be read ({exc.strerror or exc})"))
+            continue
+        if row is not None and row.status == "ok" and row.hash == h:
+            touch.append((row.id, f.size, f.mtime_ns))
+            rep.unchanged += 1
+        elif row is None and h in gone_by_hash:
+            old = gone_by_hash.pop(h)
+            moves.append((old.id, f.path, f.size, f.mtime_ns))
+            gone = [g for g in gone if g.id != old.id]
+        else:
+            todo.append((f, "new" if row is None else "changed", h))
+
+    # cheap changes first, in one transaction: removals, moves, touched files
+    if gone or moves or touch:
+        removed_ids = lib._segment_ids_of([g.id for g in gone])
+        with db.transaction():
+            db.delete_files([g.id for g in gone])
+            for fid, p, size, mt in moves:
+                db.move_file(fid, p, size, mt)
+            for fid, size, mt in touch:
+                db.touch_file(fid, size, mt)
+        lib._drop_vectors(removed_ids)
+        rep.removed += len(gone)
+        rep.moved += len(moves)
+
+    bar = _progress(len(todo), progress)
+    pending: list[tuple] = []
+    last_commit = last_save = time.perf_counter()
+    try:
+        for f, kind, h in todo:
+            before = (f.size, f.mtime_ns)
+            try:
+                dur, sr, ch, segs = encode_file(
+                    lib.audio_tower, f.path, long_s=lib.long_s, window_s=lib.window_s, hop_s=lib.hop_s
+                )
+                err = None
+            except AudioError as exc:
+                dur = sr = ch = None
+                segs, err = [], _reason(exc)
+            except AtaeError:
+                raise
+            except (OSError, ValueError, RuntimeError) as exc:  # a tower choking on odd input
+                dur = sr = ch = None
+                segs, err = [], f"{type(exc).__name__}: {exc}"
+            after = _stat(f.path)
+            if after != before:
+                why = "disappeared while being indexed" if after is None else "changed while being indexed"
+                rep.skipped.append((f.path, f"{why}; the next run picks it up"))
+                if after is None and f.path in known:
+                    pending.append(("delete", known[f.path].id))
+            else:
+                pending.append(("put", f, kind, h, dur, sr, ch, segs, err))
+                if err is None:
+                    rep.audio_seconds += dur or 0.0
+            bar.update(1)
+            if rep.audio_seconds and bar is not None:
+                bar.set_postfix_str(
+                    f"{rep.audio_seconds / max(time.perf_counter() - t0, 1e-9):.0f}x rt", refresh=False
+                )
+            now = time.perf_counter()
+            if len(pending) >= batch_files or now - last_commit > BATCH_SECONDS:
+                _commit(lib, pending, known, rep)
+                pending, last_commit = [], now
+                if now - last_save > SAVE_SECONDS:
+                    lib._save_index()
+                    last_save = now
+        _commit(lib, pending, known, rep)
+    finally:
+        bar.close()
+        lib._save_index()
+    rep.wall_seconds = time.perf_counter() - t0
+    return rep
+
+
+def _reason(exc: AtaeError) -> str:
+    msg = str(exc)
+    if exc.path and msg.startswith(exc.path + ": "):
+        msg = msg[len(exc.path) + 2 :]
+    return msg
+
+
+def _commit(lib, pending, known, rep: IndexReport) -> None:
+    if not pending:
+        return
+    db = lib.db
+    replaced = [known[p[1].path].id for p in pending if p[0] == "put" and p[1].path in known]
+    replaced += [p[1] for p in pending if p[0] == "delete"]
+    old_ids = lib._segment_ids_of(replaced)
+    encoder = lib.audio_tower_key
+    with db.transaction():
+        for p in pending:
+            if p[0] == "delete":
+                db.delete_files([p[1]])
+                continue
+            _, f, kind, h, dur, sr, ch, segs, err = p
+            db.put_file(
+                path=f.path,
+                size=f.size,
+                mtime_ns=f.mtime_ns,
+                hash=h,
+                duration=dur,
+                sample_rate=sr,
+                channels=ch,
+                encoder=encoder,
+                model_version=lib.model_version if err is None else None,
+                status="ok" if err is None else "failed",
+                error=err,
+                segments=segs,
+            )
+    for p in pending:
+        if p[0] == "delete":
+            rep.removed += 1
+            continue
+        _, f, kind, h, dur, sr, ch, segs, err = p
+        if err is not None:
+            rep.failed.append((f.path, err))
+        elif kind == "new":
+            rep.new += 1
+        else:
+            rep.changed += 1
+        rep.segments_added += len(segs)
+    lib._drop_vectors(old_ids)
+    lib._sync_new_vectors()
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix_str(self, *a, **k):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled or total == 0:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="file", desc="indexing", dynamic_ncols=True)

@@ -1,0 +1,1 @@
+"""Small data files shipped inside the package (read with ``importlib.resources``)."""

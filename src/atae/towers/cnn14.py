@@ -1,0 +1,328 @@
+"""PANNs CNN14, the seed's audio tower, in pure PyTorch (no torchlibrosa/librosa at run time).
+
+Module and parameter names are those of ``Cnn14`` in qiuqiangkong/audioset_tagging_cnn, so the official
+``Cnn14_mAP=0.431.pth`` (``ck["model"]``) loads with ``strict=True``. The frozen front end is built here
+from its formulas: the STFT as a Conv1d with Hann-windowed DFT weights (n_fft 1024, hop 320, centre
+reflect padding, power 2) and librosa's Slaney mel filterbank (64 bins, 50-14000 Hz), then
+10*log10(max(mel, 1e-10)). The seed uses the 2048-d post-ReLU ``embedding``; the AudioSet head gives the
+527 tag probabilities.
+
+Sequence policy (``Cnn14Tower``): ``window_s=None`` is the seed's whole-clip mode, one vector per clip
+(clips longer than 30 s become 30 s chunks, see ``window_spans``); ``window_s`` set gives fixed windows,
+so a search can say where in a long file a match is. Input shorter than 9920 samples (0.31 s; the five
+2x2 poolings need 32 frames) is zero-padded at the end to that length.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from atae.errors import AudioError, WeightsError
+from atae.towers.base import AudioEncoding, AudioTower, TowerInfo, window_spans
+
+SAMPLE_RATE = 32000
+N_FFT = 1024
+HOP = 320
+N_MELS = 64
+FMIN, FMAX = 50.0, 14000.0
+N_CLASSES = 527
+MIN_SAMPLES = 9920  # 1 + 9920 // 320 = 32 frames: the minimum the 5 poolings accept
+AMIN = 1e-10
+
+
+# ----------------------------------------------------------------------------------------- front end
+def hann_periodic(n: int) -> np.ndarray:
+    """scipy/librosa ``get_window('hann', n, fftbins=True)`` in float64."""
+    return 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n) / n)
+
+
+def dft_conv_weights(n_fft: int = N_FFT) -> tuple[np.ndarray, np.ndarray]:
+    """(real, imag) Conv1d weights (n_fft//2+1, 1, n_fft) float32: window[n] * exp(-2j pi k n / n_fft).
+
+    The DFT matrix is computed as powers of the root of unity (``omega ** (k*n)``), the way the
+    official constructor does, so the float32 weights come out identical to the checkpoint's."""
+    n = np.arange(n_fft)
+    dft = np.power(np.exp(-2j * np.pi / n_fft), np.outer(n, n))[:, : n_fft // 2 + 1]
+    windowed = dft * hann_periodic(n_fft)[:, None]
+    return (np.real(windowed).T.astype(np.float32)[:, None, :],
+            np.imag(windowed).T.astype(np.float32)[:, None, :])
+
+
+def hz_to_mel_slaney(f):
+    """librosa's default (Slaney) mel scale: linear below 1 kHz, logarithmic above."""
+    f = np.asarray(f, dtype=np.float64)
+    f_sp = 200.0 / 3
+    min_log_hz = 1000.0
+    min_log_mel = min_log_hz / f_sp
+    logstep = math.log(6.4) / 27.0
+    return np.where(f >= min_log_hz, min_log_mel + np.log(np.maximum(f, 1e-10) / min_log_hz) / logstep,
+                    f / f_sp)
+
+
+def mel_to_hz_slaney(m):
+    m = np.asarray(m, dtype=np.float64)
+    f_sp = 200.0 / 3
+    min_log_hz = 1000.0
+    min_log_mel = min_log_hz / f_sp
+    logstep = math.log(6.4) / 27.0
+    return np.where(m >= min_log_mel, min_log_hz * np.exp(logstep * (m - min_log_mel)), f_sp * m)
+
+
+def mel_filterbank_slaney(sr: int = SAMPLE_RATE, n_fft: int = N_FFT, n_mels: int = N_MELS,
+                          fmin: float = FMIN, fmax: float = FMAX) -> np.ndarray:
+    """``librosa.filters.mel(sr, n_fft, n_mels, fmin, fmax)`` (htk=False, norm='slaney'): (n_mels, bins).
+
+    Triangles on the Slaney mel scale, each scaled by 2 / (its bandwidth in Hz) so filters have equal
+    area; stored in float32 before the area scaling, as librosa does."""
+    fft_hz = np.linspace(0.0, sr / 2.0, 1 + n_fft // 2)
+    mel_hz = mel_to_hz_slaney(np.linspace(hz_to_mel_slaney(fmin), hz_to_mel_slaney(fmax), n_mels + 2))
+    fdiff = np.diff(mel_hz)
+    ramps = mel_hz[:, None] - fft_hz[None, :]
+    w = np.zeros((n_mels, fft_hz.size), dtype=np.float32)
+    for i in range(n_mels):
+        w[i] = np.maximum(0.0, np.minimum(-ramps[i] / fdiff[i], ramps[i + 2] / fdiff[i + 1]))
+    enorm = 2.0 / (mel_hz[2:n_mels + 2] - mel_hz[:n_mels])
+    w *= enorm[:, None]
+    return w
+
+
+class _STFT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv_real = nn.Conv1d(1, N_FFT // 2 + 1, N_FFT, stride=HOP, bias=False)
+        self.conv_imag = nn.Conv1d(1, N_FFT // 2 + 1, N_FFT, stride=HOP, bias=False)
+        real, imag = dft_conv_weights()
+        with torch.no_grad():
+            self.conv_real.weight.copy_(torch.from_numpy(real))
+            self.conv_imag.weight.copy_(torch.from_numpy(imag))
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+
+class _Spectrogram(nn.Module):
+    """|STFT|^2, (B, N) -> (B, 1, T, 513), T = 1 + N // 320."""
+
+    def __init__(self):
+        super().__init__()
+        self.stft = _STFT()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x[:, None, :], (N_FFT // 2, N_FFT // 2), mode="reflect")
+        real = self.stft.conv_real(x)
+        imag = self.stft.conv_imag(x)
+        return (real ** 2 + imag ** 2).transpose(1, 2)[:, None, :, :]
+
+
+class _LogMel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.melW = nn.Parameter(torch.from_numpy(mel_filterbank_slaney().T.copy()), requires_grad=False)
+
+    def forward(self, power: torch.Tensor) -> torch.Tensor:
+        mel = torch.matmul(power, self.melW)
+        return 10.0 * torch.log10(torch.clamp(mel, min=AMIN))  # ref 1.0: the offset term is 0
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.bn2 = nn.BatchNorm2d(cout)
+
+    def forward(self, x: torch.Tensor, pool: tuple[int, int]) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return F.avg_pool2d(x, pool) if pool != (1, 1) else x
+
+
+class Cnn14(nn.Module):
+    """CNN14 with the official key names. ``forward(wave (B, N) at 32 kHz)`` -> dict of tensors.
+
+    Eval-mode only semantics are reproduced (dropout/SpecAugment are identity at inference)."""
+
+    channels = (1, 64, 128, 256, 512, 1024, 2048)
+
+    def __init__(self, classes_num: int = N_CLASSES):
+        super().__init__()
+        self.spectrogram_extractor = _Spectrogram()
+        self.logmel_extractor = _LogMel()
+        self.bn0 = nn.BatchNorm2d(N_MELS)
+        for k in range(1, 7):
+            setattr(self, f"conv_block{k}", ConvBlock(self.channels[k - 1], self.channels[k]))
+        self.fc1 = nn.Linear(2048, 2048, bias=True)
+        self.fc_audioset = nn.Linear(2048, classes_num, bias=True)
+
+    def logmel(self, wave: torch.Tensor) -> torch.Tensor:
+        """(B, N) -> log-mel (B, 1, T, 64) before bn0."""
+        return self.logmel_extractor(self.spectrogram_extractor(wave))
+
+    def forward(self, wave: torch.Tensor, *, return_blocks: bool = False) -> dict[str, torch.Tensor]:
+        x = self.logmel(wave)
+        out: dict[str, torch.Tensor] = {}
+        x = self.bn0(x.transpose(1, 3)).transpose(1, 3)  # BatchNorm over the mel axis
+        if return_blocks:
+            out["logmel_bn0"] = x
+        for k in range(1, 7):
+            x = getattr(self, f"conv_block{k}")(x, (2, 2) if k < 6 else (1, 1))
+            if return_blocks:
+                out[f"conv_block{k}"] = x
+        x = x.mean(dim=3)
+        x = x.amax(dim=2) + x.mean(dim=2)
+        emb = F.relu(self.fc1(x))
+        logits = self.fc_audioset(emb)
+        out.update(embedding=emb, logits=logits, clipwise_output=torch.sigmoid(logits))
+        return out
+
+
+# ------------------------------------------------------------------------------------------ loading
+_FRONT_END = ("spectrogram_extractor.stft.conv_real.weight", "spectrogram_extractor.stft.conv_imag.weight",
+              "logmel_extractor.melW")
+_FIX = ("get the official Cnn14_mAP=0.431.pth with `atae weights fetch cnn14` (or pass it with "
+        "--audio-weights)")
+
+
+def checkpoint_state_dict(obj, path: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """The CNN14 state_dict inside a loaded checkpoint: the official ``{'iteration', 'model', 'sampler'}``
+    dict, a plain state_dict, or one saved from ``DataParallel`` (``module.`` prefixes)."""
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError("not a CNN14 checkpoint: expected a state_dict or a dict with a 'model' "
+                           "state_dict", path=path, fix=_FIX)
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def check_state_dict(state: dict[str, torch.Tensor], path: str | Path | None = None) -> None:
+    """Refuse a state_dict that is not the 32 kHz / 64-mel / 527-class CNN14, naming offending keys."""
+    ref = Cnn14().state_dict()
+    missing = [k for k in ref if k not in state]
+    extra = [k for k in state if k not in ref]
+    shape = [f"{k} {tuple(state[k].shape)} != {tuple(ref[k].shape)}" for k in ref
+             if k in state and state[k].shape != ref[k].shape]
+    if missing or extra or shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s) e.g. {missing[:4]}")
+        if extra:
+            parts.append(f"{len(extra)} unexpected key(s) e.g. {extra[:4]}")
+        if shape:
+            parts.append(f"wrong shapes e.g. {shape[:3]}")
+        raise WeightsError("not a CNN14 (32 kHz, 64 mels, 527 classes) state_dict: " + "; ".join(parts),
+                           path=path, fix=_FIX)
+    for k in _FRONT_END:  # frozen tensors: a different sample rate / window / mel range shows up here
+        if not torch.allclose(state[k].float(), ref[k], atol=1e-4, rtol=1e-3):
+            raise WeightsError(f"{k} differs from the 32 kHz CNN14 front end (a CNN14 variant for another "
+                               "sample rate or mel range?)", path=path, fix=_FIX)
+
+
+def load_cnn14_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Safely load and validate a CNN14 weights file (official .pth, plain state_dict, or safetensors)."""
+    from atae.weights import load_checkpoint
+
+    state = checkpoint_state_dict(load_checkpoint(path, what="CNN14", fix=_FIX), path)
+    check_state_dict(state, path)
+    return state
+
+
+# --------------------------------------------------------------------------------------------- tower
+class Cnn14Tower(AudioTower):
+    """Frozen CNN14: 32 kHz mono in, 2048-d ``embedding`` per element out, AudioSet tags per element.
+
+    ``weights``: a path (official ``.pth``, plain state_dict ``.pt``, or ``.safetensors``), or an
+    in-memory state_dict (tests/benchmarks; ``info.weights_sha256`` is then None), or None to resolve
+    the registry's ``cnn14`` entry (never downloads).
+    """
+
+    name = "cnn14"
+    sample_rate = SAMPLE_RATE
+    dim = 2048
+    min_samples = MIN_SAMPLES
+    has_tags = True
+    max_batch_samples = 8 * 30 * SAMPLE_RATE  # cap on samples per forward pass (memory)
+
+    def __init__(self, weights: str | Path | dict | None = None, *, window_s: float | None = None,
+                 hop_s: float | None = None, device: str = "cpu"):
+        if window_s is not None and window_s * SAMPLE_RATE < MIN_SAMPLES:
+            raise ValueError(f"window_s must be at least {MIN_SAMPLES / SAMPLE_RATE:.2f} s for CNN14")
+        self.window_s, self.hop_s = window_s, hop_s
+        self.device = torch.device(device)
+        if isinstance(weights, dict):
+            state = checkpoint_state_dict(weights)
+            check_state_dict(state)
+            self.weights_path = None
+        else:
+            from atae import weights as wreg
+
+            self.weights_path = wreg.resolve("cnn14", weights)
+            state = load_cnn14_weights(self.weights_path)
+        self.net = Cnn14()
+        self.net.load_state_dict(state, strict=True)
+        self.net.eval().to(self.device)
+        self._info: TowerInfo | None = None
+
+    @property
+    def info(self) -> TowerInfo:
+        if self._info is None:
+            from atae.weights import weights_id
+
+            sha = weights_id(self.weights_path) if self.weights_path is not None else None
+            opts = {"output": "embedding", "window_s": self.window_s, "hop_s": self.hop_s}
+            self._info = TowerInfo(self.name, "audio", self.dim, sha, self.sample_rate, opts)
+        return self._info
+
+    @staticmethod
+    def _check_wave(wave) -> np.ndarray:
+        w = np.asarray(wave)
+        if w.ndim != 1:
+            raise AudioError(f"CNN14 expects mono audio as a 1-D array, got shape {w.shape}",
+                             fix="downmix to mono and resample to 32 kHz (atae.audio.load_audio does both)")
+        w = w.astype(np.float32, copy=False)
+        if not np.all(np.isfinite(w)):
+            raise AudioError("audio contains NaN or infinite samples", fix="check the decoder/input file")
+        return w
+
+    @torch.inference_mode()
+    def run_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, N) equal-length waves -> (embeddings (B, 2048), tag probabilities (B, 527)) float32."""
+        out = self.net(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device))
+        return out["embedding"].float().cpu().numpy(), out["clipwise_output"].float().cpu().numpy()
+
+    def _segments(self, wave: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        spans = window_spans(len(wave), SAMPLE_RATE, self.window_s, self.hop_s)
+        segs = [self.pad_to_min(wave[a:b]) for a, b in spans]
+        times = np.asarray(spans, dtype=np.float64) / SAMPLE_RATE
+        return segs, times
+
+    def encode(self, wave: np.ndarray) -> AudioEncoding:
+        return self.encode_many([wave])[0]
+
+    def encode_many(self, waves: list[np.ndarray]) -> list[AudioEncoding]:
+        """Segments of equal length (across all clips) run through the network together.
+
+        Only equal-length segments share a batch: zero-padding to a common length would change the
+        max/mean pooling over time, i.e. the numbers."""
+        prepared = [self._segments(self._check_wave(w)) for w in waves]
+        by_len: dict[int, list[tuple[int, int]]] = {}
+        for i, (segs, _) in enumerate(prepared):
+            for j, s in enumerate(segs):
+                by_len.setdefault(len(s), []).append((i, j))
+        emb = [np.zeros((len(s), self.dim), np.float32) for s, _ in prepared]
+        tags = [np.zeros((len(s), N_CLASSES), np.float32) for s, _ in prepared]
+        for n, members in by_len.items():
+            step = max(1, self.max_batch_samples // max(n, 1))
+            for s in range(0, len(members), step):
+                chunk = members[s:s + step]
+                e, t = self.run_batch(np.stack([prepared[i][0][j] for i, j in chunk]))
+                for row, (i, j) in enumerate(chunk):
+                    emb[i][j], tags[i][j] = e[row], t[row]
+        return [AudioEncoding(emb[i], prepared[i][1], tags[i]) for i in range(len(prepared))]

@@ -1,0 +1,71 @@
+"""Tower names -> tower classes, imported lazily (so listing names never loads torch models).
+
+Every command that takes ``--audio-encoder``/``--text-encoder`` goes through here, so a new tower is one
+line in these tables.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from atae.errors import AtaeError, WeightsError
+
+# name -> "module:Class"
+AUDIO_TOWERS: dict[str, str] = {
+    "aisfx": "atae.towers.aisfx:AisfxTower",
+    "cnn14": "atae.towers.cnn14:Cnn14Tower",
+    "efficientat-mn04": "atae.towers.efficientat:EfficientATTower",
+    "efficientat-mn05": "atae.towers.efficientat:EfficientATTower",
+    "efficientat-mn10": "atae.towers.efficientat:EfficientATTower",
+    "efficientat-mn20": "atae.towers.efficientat:EfficientATTower",
+    "efficientat-mn30": "atae.towers.efficientat:EfficientATTower",
+    "efficientat-mn40": "atae.towers.efficientat:EfficientATTower",
+}
+# constructor options implied by a name (several names share one class)
+AUDIO_TOWER_OPTIONS: dict[str, dict] = {
+    n: {"size": n.split("-", 1)[1]} for n in AUDIO_TOWERS if n.startswith("efficientat-")
+}
+
+TEXT_TOWERS: dict[str, str] = {
+    "minilm": "atae.towers.hf_text:HFTextTower",
+    "distilroberta-base": "atae.towers.hf_text:HFTextTower",
+}
+
+SEED_PAIR = ("cnn14", "distilroberta-base")
+OFFLINE_PAIR = ("aisfx", "minilm")
+
+
+def _load(target: str):
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def get_audio_tower(name: str, weights=None, **opts):
+    """Build the audio tower ``name`` (weights: explicit path, else the registry's resolution order)."""
+    if name not in AUDIO_TOWERS:
+        raise AtaeError(f"unknown audio encoder {name!r}", fix=f"use one of: {', '.join(AUDIO_TOWERS)}")
+    kwargs = {**AUDIO_TOWER_OPTIONS.get(name, {}), **opts}
+    return _load(AUDIO_TOWERS[name])(weights, **kwargs)
+
+
+def get_text_tower(name: str, weights=None, **opts):
+    """Build the text tower ``name``; a name that is an existing directory is a local HF model folder."""
+    if name in TEXT_TOWERS:
+        return _load(TEXT_TOWERS[name])(model=name, weights=weights, **opts)
+    if Path(name).expanduser().is_dir():
+        return _load("atae.towers.hf_text:HFTextTower")(model=str(Path(name).expanduser()), **opts)
+    raise AtaeError(f"unknown text encoder {name!r}",
+                    fix=f"use one of: {', '.join(TEXT_TOWERS)}, or a local Hugging Face model directory")
+
+
+def default_towers() -> tuple[str, str]:
+    """The seed's pair (cnn14 + distilroberta-base) when both weights resolve, else the offline pair."""
+    from atae.weights import resolve
+
+    try:
+        for n in SEED_PAIR:
+            resolve(n)
+    except WeightsError:
+        return OFFLINE_PAIR
+    return SEED_PAIR
