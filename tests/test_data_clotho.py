@@ -114,3 +114,11 @@ def test_clotho_metadata_iso_8859_1(tmp_path):
     assert (m.sound_id, m.start_end_samples, m.manufacturer, m.license) == ("123", "[0, 10]", "Zoom", "CC BY")
     with pytest.raises(DataError, match="keywords"):
         read_clotho_metadata(_write(tmp_path / "m2.csv", "file_name,tags\na.wav,x\n"))
+
+
+def test_latin1_control_like_bytes_do_not_split_rows(tmp_path):
+    # 0x85 decodes to U+0085 (NEL) in ISO-8859-1: it must stay inside its field, not start a new row
+    p = tmp_path / "c.csv"
+    p.write_bytes(b"file_name,caption_1\r\na.wav,\"dots\x85 and,comma\"\r\nb.wav,two\r\n")
+    ds = read_caption_csv(p, require_audio=False)
+    assert ds.keys() == ["a.wav", "b.wav"] and ds.clips[0].captions == ["dots\x85 and,comma"]

@@ -223,3 +223,99 @@ def test_cli_train_and_evaluate_end_to_end(tmp_path, write_wav):
     r = CliRunner().invoke(main, ["evaluate", str(tmp_path), "--csv", str(tmp_path / "val.csv"),
                                   "--audio-dir", str(tmp_path / "val"), "--json", str(tmp_path / "x.json")])
     assert r.exit_code == 2 and "config.json is missing" in r.output
+
+
+# ------------------------------------------------------------------------------ scorers (issue 5)
+class _HashTextTower:
+    """Deterministic fake text tower: each text -> 2 tokens drawn from a generator seeded by its crc."""
+
+    has_tags = False
+
+    def __init__(self, info=TEXT_INFO):
+        self.info, self.dim = info, info.dim
+
+    def encode(self, texts):
+        import zlib
+
+        return [np.random.default_rng(zlib.crc32(t.encode())).standard_normal((2, self.dim))
+                .astype(np.float32) for t in texts]
+
+
+class _TagTower:
+    has_tags = True
+    name = "fake-tagger"
+
+    def __init__(self, info):
+        self.info = info
+
+
+def _tagged_table(atab, seed=0):
+    rng = np.random.default_rng(seed)
+    tags = {k: rng.random((len(atab.get(k)), 527)).astype(np.float32) for k in atab.keys}
+
+    class Tagged(type(atab)):
+        def tags(self, key):
+            return tags[key]
+
+    return Tagged(atab.info, {k: atab.get(k) for k in atab.keys}), tags
+
+
+def _bridge_by_hand(tower, texts, tags_per_clip, temperature):
+    from atae.bridge import audioset_labels
+
+    def sent(ts):
+        v = np.stack([s.astype(np.float64).mean(0) for s in tower.encode(ts)])
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    cos = sent(texts) @ sent(audioset_labels()).T
+    z = cos / temperature
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    clip = np.stack([t.mean(0) for t in tags_per_clip])
+    return p @ clip.T
+
+
+def test_bridge_and_hybrid_scorers_by_hand(world_model):
+    from atae.evaluate import scores_for
+
+    ds, atab, ttab, model = world_model
+    tab, tags = _tagged_table(atab)
+    cands = [c.key for c in ds["val"].clips]
+    texts = ["a dog barks", "rain on a roof", "engine idling"]
+    tower = _HashTextTower()
+    got = scores_for("bridge", candidates=cands, texts=texts, audio_table=tab, text_tower=tower,
+                     audio_tower=_TagTower(AUDIO_INFO), temperature=0.1)
+    want = _bridge_by_hand(tower, texts, [tags[k] for k in cands], 0.1)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    # hybrid: weight * zscore(adapter) + (1 - weight) * zscore(bridge), weight from the model's extras
+    model.extras["hybrid_weight"] = 0.3
+    try:
+        hyb = scores_for("hybrid", candidates=cands, texts=texts, audio_table=tab, model=model,
+                         text_tower=tower, audio_tower=_TagTower(AUDIO_INFO), temperature=0.1)
+    finally:
+        model.extras.pop("hybrid_weight")
+    adapter = _numpy_cos(model, atab, cands, tower.encode(texts))
+
+    def z(x):
+        return (x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True)
+
+    np.testing.assert_allclose(hyb, 0.3 * z(adapter) + 0.7 * z(want), atol=2e-4)
+
+
+def test_scorer_errors(world_model):
+    from atae.errors import AtaeError
+    from atae.evaluate import scores_for
+
+    ds, atab, ttab, model = world_model
+    cands = [c.key for c in ds["val"].clips]
+    with pytest.raises(ModelError, match="needs a trained model"):
+        scores_for("adapter", candidates=cands, texts=["x"], audio_table=atab, text_tower=_HashTextTower())
+    with pytest.raises(AtaeError, match="no AudioSet head"):
+        scores_for("bridge", candidates=cands, texts=["x"], audio_table=atab, text_tower=_HashTextTower(),
+                   audio_tower=_HashTextTower())
+    other = TowerInfo("other-tagger", "audio", 10, None, 32000, {})
+    with pytest.raises(ModelError, match="trained on audio tower"):
+        scores_for("hybrid", candidates=cands, texts=["x"], audio_table=_tagged_table(atab)[0], model=model,
+                   text_tower=_HashTextTower(), audio_tower=_TagTower(other))
+    with pytest.raises(AtaeError, match="unknown scorer"):
+        scores_for("magic", candidates=cands, texts=["x"], audio_table=atab)

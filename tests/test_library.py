@@ -8,11 +8,11 @@ import sqlite3
 
 import numpy as np
 import pytest
-from library_fakes import FREQS, BandTower, IdentityModel, WordTower, write_tone
 
 from atae.errors import LibraryError, QueryError
 from atae.library import Library, validate_text_query
 from atae.library.lock import WriterLock
+from library_fakes import FREQS, BandTower, IdentityModel, WordTower, write_tone
 
 
 def _open(root, **kw):
@@ -49,7 +49,9 @@ def test_index_and_text_search(tmp_path, sounds):
     assert (rep.new, rep.changed, rep.removed, rep.failed) == (4, 0, 0, [])
     for word in FREQS:
         res = lib.search(word, k=10)
-        assert res[0].path.endswith(f"{word}.wav") or (word == "low" and res[0].path.endswith("also_low.flac"))
+        assert res[0].path.endswith(f"{word}.wav") or (
+            word == "low" and res[0].path.endswith("also_low.flac")
+        )
         assert [r.rank for r in res] == list(range(1, len(res) + 1))
         assert all(res[i].score >= res[i + 1].score for i in range(len(res) - 1))
     low = {r.path.rsplit("/", 1)[-1] for r in lib.search("low", k=2)}
@@ -190,8 +192,10 @@ def test_index_file_is_rebuilt_or_reconciled(tmp_path, sounds):
     # stale index (a crash after SQLite committed but before the index was written)
     idx.write_bytes(stale)
     lib = _open(root)
-    assert lib.index.ntotal == 4 and lib.search("low", k=1)[0].path.rsplit("/", 1)[-1] in ("low.wav",
-                                                                                          "also_low.flac")
+    assert lib.index.ntotal == 4 and lib.search("low", k=1)[0].path.rsplit("/", 1)[-1] in (
+        "low.wav",
+        "also_low.flac",
+    )
     lib.close()
     # corrupt and missing index files are rebuilt from SQLite
     idx.write_bytes(b"garbage")
@@ -265,3 +269,70 @@ def test_symlink_loops_and_duplicates(tmp_path, sounds):
     lib = _open(tmp_path / "lib")
     rep = lib.add([sounds])
     assert rep.new == 4 and rep.failed == []
+
+
+def test_scorer_seam_custom_object(tmp_path, sounds):
+    lib = _open(tmp_path / "lib")
+    lib.add([sounds])
+
+    class ByPath:
+        """Scores every segment by the reverse alphabetical order of its file name."""
+
+        def score(self, library, text):
+            rows = library.db.conn.execute(
+                "SELECT s.id, f.path FROM segments s JOIN files f ON f.id = s.file_id"
+            ).fetchall()
+            names = sorted(os.path.basename(p) for _, p in rows)
+            return (
+                np.array([r[0] for r in rows]),
+                np.array([-names.index(os.path.basename(p)) for _, p in rows], dtype=np.float32),
+            )
+
+    res = lib.search("anything at all", scorer=ByPath(), k=3)
+    assert [os.path.basename(r.path) for r in res] == ["also_low.flac", "high.wav", "low.wav"]
+    with pytest.raises(QueryError, match="unknown scorer"):
+        lib.search("x", scorer="nonsense")
+    with pytest.raises(QueryError, match="query by example"):
+        lib.search(audio=sounds / "low.wav", scorer=ByPath())
+
+
+class _NoTags(BandTower):
+    has_tags = False
+
+    def encode(self, wave):
+        enc = super().encode(wave)
+        enc.tags = None
+        return enc
+
+
+def test_bridge_scorer_needs_a_tagging_tower(tmp_path, sounds):
+    lib = Library.open(tmp_path / "lib", create=True, audio_tower=_NoTags())
+    lib.add([sounds])
+    with pytest.raises(QueryError, match="no AudioSet head"):
+        lib.search("a dog barks", scorer="bridge")
+
+
+def test_unreadable_file_is_reported_and_retried(tmp_path, sounds, monkeypatch):
+    from atae.library import indexer
+
+    real = indexer.fast_hash
+    target = str(sounds / "mid.wav")
+
+    def denied(path, size=None):
+        if str(path) == target:
+            raise PermissionError(13, "Permission denied", path)
+        return real(path, size)
+
+    monkeypatch.setattr(indexer, "fast_hash", denied)
+    lib = _open(tmp_path / "lib")
+    rep = lib.add([sounds])
+    assert rep.new == 3 and [(p, "Permission denied" in why) for p, why in rep.failed] == [(target, True)]
+    monkeypatch.setattr(indexer, "fast_hash", real)  # permissions fixed: picked up without any mtime change
+    rep = lib.add([sounds])
+    assert rep.new == 1 and rep.failed == []
+
+
+def test_refuses_to_create_a_library_inside_a_foreign_folder(tmp_path, sounds):
+    with pytest.raises(LibraryError, match="not an atae library"):
+        _open(sounds)
+    assert not (sounds / "library.sqlite").exists()

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from library_fakes import FREQS, BandTower, IdentityModel, WordTower, write_tone
 
 from atae.library import Library
+from library_fakes import FREQS, BandTower, IdentityModel, WordTower, write_tone
 
 N_FILES = 30
 REPO = Path(__file__).resolve().parents[1]
@@ -50,8 +50,9 @@ def test_kill_9_then_resume(tmp_path, kill_after):
     for i in range(N_FILES):
         write_tone(src_dir / f"{i:02d}_{names[i % 3]}.wav", FREQS[names[i % 3]], seconds=0.5, seed=i)
     lib_dir = tmp_path / "lib"
-    code = _CHILD.format(src=str(REPO / "src"), tests=str(REPO / "tests"), lib=str(lib_dir),
-                         src_dir=str(src_dir))
+    code = _CHILD.format(
+        src=str(REPO / "src"), tests=str(REPO / "tests"), lib=str(lib_dir), src_dir=str(src_dir)
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120

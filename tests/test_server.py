@@ -7,6 +7,7 @@ import struct
 import zlib
 
 import pytest
+
 from library_fakes import FREQS, BandTower, IdentityModel, WordTower, write_tone
 
 pytest.importorskip("httpx")
@@ -22,8 +23,9 @@ def lib(tmp_path):
     for name, f in FREQS.items():
         write_tone(d / f"{name}.wav", f, seconds=2.0)
     write_tone(d / "long.wav", None, seconds=60.0, event=(31.0, 3.0, FREQS["high"]))
-    lib = Library.open(tmp_path / "lib", create=True, audio_tower=BandTower(), text_tower=WordTower(),
-                       model=IdentityModel())
+    lib = Library.open(
+        tmp_path / "lib", create=True, audio_tower=BandTower(), text_tower=WordTower(), model=IdentityModel()
+    )
     lib.add([d])
     yield lib
     lib.close()
@@ -82,8 +84,9 @@ def test_audio_by_id_with_ranges(client, lib):
     assert r.status_code == 206 and r.content == data[-10:]
 
 
-@pytest.mark.parametrize("bad", ["999999", "0", "-1", "abc", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd",
-                                 "1.5", "1e3"])
+@pytest.mark.parametrize(
+    "bad", ["999999", "0", "-1", "abc", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "1.5", "1e3"]
+)
 def test_audio_unknown_or_path_ids_are_404(client, bad):
     r = client.get(f"/api/audio/{bad}")
     assert r.status_code == 404 and r.headers["content-type"].startswith("application/json")
@@ -91,8 +94,12 @@ def test_audio_unknown_or_path_ids_are_404(client, bad):
 
 
 def test_traversal_urls_never_serve_files(client):
-    for url in ["/api/audio/../../../../etc/passwd", "/static/../../../../etc/passwd",
-                "/static/..%2F..%2F..%2Fetc%2Fpasswd", "/api/audio/1/../../etc/passwd"]:
+    for url in [
+        "/api/audio/../../../../etc/passwd",
+        "/static/../../../../etc/passwd",
+        "/static/..%2F..%2F..%2Fetc%2Fpasswd",
+        "/api/audio/1/../../etc/passwd",
+    ]:
         r = client.get(url)
         assert r.status_code in (400, 404) and "root:" not in r.text, url
 
@@ -119,9 +126,10 @@ def test_waveform_png_is_valid_and_cached(client, lib):
     w, h = _png_size(r.content)
     assert (w, h) == (480, 64)
     # decode the IDAT independently: RGBA rows with filter byte 0; the tone fills most columns
-    idat = r.content[r.content.index(b"IDAT") + 4:]
-    raw = zlib.decompress(idat[: struct.unpack(">I", r.content[r.content.index(b"IDAT") - 4:
-                                                             r.content.index(b"IDAT")])[0]])
+    idat = r.content[r.content.index(b"IDAT") + 4 :]
+    raw = zlib.decompress(
+        idat[: struct.unpack(">I", r.content[r.content.index(b"IDAT") - 4 : r.content.index(b"IDAT")])[0]]
+    )
     assert len(raw) == h * (1 + 4 * w)
     assert len(list((lib.root / "cache").glob("wave-*.png"))) == 1
     assert client.get(f"/api/waveform/{res['file_id']}.png").content == r.content
@@ -139,7 +147,9 @@ def test_upload_example_search(client, tmp_path):
 
 
 def test_upload_non_audio_is_400(client):
-    r = client.post("/api/search", files={"file": ("notes.wav", io.BytesIO(b"hello, not audio" * 100), "audio/wav")})
+    r = client.post(
+        "/api/search", files={"file": ("notes.wav", io.BytesIO(b"hello, not audio" * 100), "audio/wav")}
+    )
     assert r.status_code == 400
     body = r.json()
     assert "notes.wav" in body["error"] and "atae-query" not in body["error"]
@@ -158,7 +168,9 @@ def test_oversized_upload_is_413(client):
         for _ in range(10):
             yield b"\0" * 50_000
 
-    r = client.post("/api/search", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
+    r = client.post(
+        "/api/search", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"}
+    )
     assert r.status_code == 413
 
 
@@ -176,5 +188,24 @@ def test_text_search_without_model_explains(tmp_path):
     lib.add([d])
     with TestClient(create_app(lib), raise_server_exceptions=False) as c:
         r = c.get("/api/search", params={"q": "a bell"})
-        assert r.status_code == 400 and "trained model" in r.json()["error"] and "atae train" in r.json()["fix"]
+        assert (
+            r.status_code == 400 and "trained model" in r.json()["error"] and "atae train" in r.json()["fix"]
+        )
         assert c.get("/api/stats").json()["text_search"] is False
+
+
+def test_waveform_envelope_matches_samples(tmp_path):
+    """The envelope of a file equals per-column min/max computed directly (high tones are not lost)."""
+    import numpy as np
+    import soundfile as sf
+
+    from atae.server.waveform import file_envelope
+
+    p = write_tone(tmp_path / "hi.wav", 3300.0, seconds=2.0, event=(1.0, 0.5, 1000.0))
+    x, _ = sf.read(p, dtype="float32")
+    lo, hi = file_envelope(p, width=100, block=777)  # odd block size: columns straddle blocks
+    cols = np.array_split(x, 100)  # 16000 samples / 100 columns: equal splits, as the file's mapping
+    peak = np.abs(x).max()
+    assert np.allclose(lo, [c.min() / peak for c in cols], atol=1e-6)
+    assert np.allclose(hi, [c.max() / peak for c in cols], atol=1e-6)
+    assert hi.min() > 0.3  # the 3.3 kHz tone is drawn at full height everywhere

@@ -84,3 +84,11 @@ def test_concepts_are_learnable_by_a_nearest_centroid(corpus):
     pred = [labels[i] for i in ((((xte - mu) / sd)[:, None] - cent[None]) ** 2).sum(2).argmin(1)]
     acc = np.mean([a == b for a, b in zip(pred, yte, strict=True)])
     assert acc > 10 / len(labels)  # ten times chance
+
+
+def test_regenerating_with_other_settings_replaces_the_corpus(tmp_path):
+    a = make_demo_corpus(tmp_path, seed=0, clips_per_concept=5)
+    assert len(list(a["audio_dir"].glob("*.wav"))) == 5 * len(CONCEPTS)
+    b = make_demo_corpus(tmp_path, seed=0, clips_per_concept=3)
+    assert len(list(b["audio_dir"].glob("*.wav"))) == 3 * len(CONCEPTS)
+    assert len(read_caption_csv(b["test"], b["audio_dir"])) == len(CONCEPTS)

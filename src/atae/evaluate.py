@@ -283,38 +283,124 @@ def folder_dataset(audio_dir) -> object:
                           audio_dir, [])
 
 
-def evaluate_run(run_dir, *, audio_dir, json_out=None, csv=None, queries=None, submission=None, feats=None,
-                 audio_weights=None, text_weights=None, progress: bool = True) -> EvalResult:
-    """``atae evaluate``: load a trained run, extract (cached) features for the dataset, evaluate.
+SCORERS = ("adapter", "bridge", "hybrid")
+
+
+def scores_for(scorer: str, *, candidates: Sequence[str], texts: Sequence[str], audio_table,
+               model: AlignedModel | None = None, text_seqs: Sequence[np.ndarray] | None = None,
+               text_tower=None, audio_tower=None, temperature: float | None = None) -> np.ndarray:
+    """(Q, C) scores of ``texts`` against cached clips ``candidates`` with one scorer:
+
+    * ``adapter``: cosine of the trained adapters (``text_seqs``: cached token sequences, else the text
+      tower encodes ``texts``);
+    * ``bridge``: zero-shot AudioSet tag bridge (``atae.bridge``), no trained model needed; temperature
+      from the argument, else the model's stored one, else the bridge default;
+    * ``hybrid``: the model's tuned weighted sum of both (z-scored per query).
+    """
+    if scorer not in SCORERS:
+        raise DataError(f"unknown scorer {scorer!r}", fix=f"use one of {', '.join(SCORERS)}")
+    adapter = bridge = None
+    if scorer in ("adapter", "hybrid"):
+        if model is None:
+            raise ModelError(f"the {scorer!r} scorer needs a trained model", fix="pass the RUN folder")
+        if text_seqs is None:
+            text_seqs = encode_texts(text_tower, texts)
+        adapter = score_matrix(model, audio_table, candidates, text_seqs)
+    if scorer in ("bridge", "hybrid"):
+        from atae import bridge as br
+
+        if audio_tower is not None:
+            br.require_tag_head(audio_tower)
+        if scorer == "hybrid" and audio_tower is not None:
+            br.check_hybrid_tower(model, audio_tower.info)
+        if temperature is None:
+            extras = getattr(model, "extras", None) or {}
+            temperature = float(extras.get(br.EXTRA_BRIDGE_TEMPERATURE, br.DEFAULT_TEMPERATURE))
+        tb = br.TagBridge(text_tower, temperature=temperature)
+        clip_tags = tb.clip_tags([audio_table.tags(k) for k in candidates])
+        bridge = tb.scores(list(texts), clip_tags)
+    if scorer == "adapter":
+        return adapter
+    if scorer == "bridge":
+        return np.asarray(bridge, dtype=np.float32)
+    from atae import bridge as br
+
+    return br.hybrid_scores(adapter, bridge, br.hybrid_weight(model))
+
+
+def evaluate_run(run_dir=None, *, audio_dir, json_out=None, csv=None, queries=None, submission=None,
+                 feats=None, scorer: str = "adapter", audio_encoder: str | None = None, audio_weights=None,
+                 text_encoder: str | None = None, text_weights=None, temperature: float | None = None,
+                 progress: bool = True) -> EvalResult:
+    """``atae evaluate``: load a trained run (or, for ``scorer="bridge"``, just the towers), extract the
+    dataset's features (cached, resumable) and evaluate.
 
     ``csv``: a Clotho-format caption file (DCASE 2022 mode). ``queries``: a DCASE 2025 query file; the
-    candidates are all audio files under ``audio_dir``.
+    candidates are all audio files under ``audio_dir``. Features go to ``feats`` (default RUN/features,
+    or ./atae-features without a RUN).
     """
     from atae.features import ensure_dataset_features
 
     if (csv is None) == (queries is None):
         raise DataError("give exactly one of --csv (captions) or --queries (DCASE 2025 query file)")
-    model = AlignedModel.load(run_dir)
+    if scorer not in SCORERS:
+        raise DataError(f"unknown scorer {scorer!r}", fix=f"use one of {', '.join(SCORERS)}")
+    model = None
+    if run_dir is not None:
+        model = AlignedModel.load(run_dir)
+    elif scorer != "bridge":
+        raise ModelError(f"the {scorer!r} scorer needs a trained model folder (RUN)",
+                         fix="pass RUN, or use --scorer bridge with --audio-encoder (zero-shot)")
+    if model is not None:
+        if audio_encoder is not None and audio_encoder != model.audio_info.name:
+            raise ModelError(f"the model was trained on audio tower {model.audio_info.name!r}, "
+                             f"not {audio_encoder!r}", path=run_dir,
+                             fix="leave out --audio-encoder: the model's config names its towers")
+        audio_tower, text_tower = towers_for_model(model, audio_weights=audio_weights,
+                                                   text_weights=text_weights)
+    else:
+        from atae.towers.registry import default_towers, get_audio_tower, get_text_tower
+
+        if audio_encoder is None:
+            raise DataError("--scorer bridge without a RUN needs --audio-encoder (a tower with an AudioSet "
+                            "head)", fix="e.g. --audio-encoder efficientat-mn04 --audio-weights W")
+        audio_tower = get_audio_tower(audio_encoder, audio_weights)
+        text_tower = get_text_tower(text_encoder or default_towers()[1], text_weights)
+    if scorer in ("bridge", "hybrid"):
+        from atae.bridge import require_tag_head
+
+        require_tag_head(audio_tower)
     audio_dir = Path(audio_dir)
-    feats = Path(feats) if feats is not None else Path(run_dir) / "features"
-    audio_tower, text_tower = towers_for_model(model, audio_weights=audio_weights, text_weights=text_weights)
+    if feats is None:
+        feats = Path(run_dir) / "features" if run_dir is not None else Path("atae-features")
     if csv is not None:
         from atae.data import read_caption_csv
 
         ds = read_caption_csv(csv, audio_dir)
         atab, ttab, report = ensure_dataset_features(ds, audio_tower, text_tower, feats, progress=progress)
-        res = evaluate_dataset(model, ds, atab, ttab)
-        res.problems = list(ds.problems) + _report_problems(report) + res.problems
+        if model is not None:
+            check_towers(model, atab.info, ttab.info)
+        cands, texts, tkeys, rel, problems = dataset_queries(ds, atab, ttab)
+        seqs = [np.asarray(ttab.get(k)) for k in tkeys]
+        problems = list(ds.problems) + _report_problems(report) + problems
     else:
         from atae.data import read_queries_csv
 
         qs = read_queries_csv(queries)
         ds = folder_dataset(audio_dir)
         atab, _, report = ensure_dataset_features(ds, audio_tower, text_tower, feats, progress=progress)
+        if model is not None:
+            check_towers(model, atab.info, text_tower.info)
         cands = [c.key for c in ds.clips if c.key in atab]
-        res = evaluate_queries(model, qs, atab, text_tower, audio_keys=cands)
-        res.problems = _report_problems(report) + res.problems
-    extra = {"run": str(run_dir), "audio_tower": model.audio_info.name, "text_tower": model.text_info.name,
+        rel, problems, kept = query_relevance(qs, cands)
+        texts = [qs[i].text for i in kept]
+        seqs = None
+        problems = _report_problems(report) + problems
+    scores = scores_for(scorer, candidates=cands, texts=texts, audio_table=atab, model=model, text_seqs=seqs,
+                        text_tower=text_tower, audio_tower=audio_tower, temperature=temperature)
+    res = evaluate_scores(scores, rel, queries=texts, candidates=cands, problems=problems)
+    extra = {"run": str(run_dir) if run_dir is not None else None, "scorer": scorer,
+             "audio_tower": audio_tower.info.name, "text_tower": text_tower.info.name,
              "data": str(csv or queries)}
     if json_out is not None:
         res.write_json(json_out, **extra)

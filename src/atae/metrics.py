@@ -15,6 +15,7 @@ Ties in scores are broken stably: of two clips with the same score, the one with
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import tempfile
@@ -246,7 +247,7 @@ def _read_csv_rows(path: Path) -> list[list[str]]:
     except UnicodeDecodeError as e:
         raise DataError(f"not UTF-8 ({e.reason} at byte {e.start})", path=path,
                         fix="save the CSV as UTF-8") from None
-    rows = [r for r in csv.reader(text.splitlines(keepends=True)) if r]
+    rows = [r for r in csv.reader(io.StringIO(text, newline="")) if r]
     if not rows:
         raise DataError("the CSV is empty", path=path)
     return rows

@@ -381,6 +381,15 @@ def _load_checkpoint(path: Path) -> dict:
                          fix="delete this stage folder to restart the stage, or pass restart") from e
 
 
+def _adam(params, cfg: TrainConfig) -> torch.optim.Adam:
+    """Adam with the fused (single-kernel) update where torch supports it: same algorithm, about a
+    fifth of a training step saved on CPU."""
+    try:
+        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
 def train_stage(model: AlignedModel, loss_fn: torch.nn.Module, train: TrainData, val: ValData,
                 cfg: TrainConfig, stage_dir: str | Path, *, stage_idx: int = 0, stage_name: str = "train",
                 resume: bool = True, progress: bool = False,
@@ -397,7 +406,7 @@ def train_stage(model: AlignedModel, loss_fn: torch.nn.Module, train: TrainData,
     identity = {"fingerprint": train.fingerprint, "val": val.fingerprint, "stage": stage_name,
                 "config": asdict(cfg)}
     params = list(model.parameters()) + list(loss_fn.parameters())
-    opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    opt = _adam(params, cfg)
     st = {"epoch": 0, "best_score": -math.inf, "best_epoch": 0, "bad_epochs": 0, "history": [],
           "best_model": None, "best_loss": None, "finished": False, "stopped": ""}
     if ckpt_path.exists():

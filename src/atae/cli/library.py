@@ -9,36 +9,92 @@ import click
 
 @click.command("index")
 @click.argument("dirs", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--db", "db", required=True, type=click.Path(file_okay=False),
-              help="Library folder (created if missing; updated incrementally if it exists).")
-@click.option("--model", default=None, type=click.Path(file_okay=False),
-              help="Trained model folder (`atae train --out RUN`): enables text search. Changing it re-embeds "
-                   "the stored tower outputs without re-running the tower.")
-@click.option("--audio-encoder", default=None, help="Audio tower of a new library (default: the model's, "
-              "else the default pair's).")
-@click.option("--audio-weights", default=None, type=click.Path(dir_okay=False), help="Explicit tower weights.")
-@click.option("--window", "window_s", default=None, type=click.FloatRange(min=0.5),
-              help="Window length (s) for files longer than --long (default 10; fixed at creation).")
-@click.option("--hop", "hop_s", default=None, type=click.FloatRange(min=0.1),
-              help="Window hop (s) (default 5).")
-@click.option("--long", "long_s", default=None, type=click.FloatRange(min=1.0),
-              help="Files up to this many seconds are one segment; longer ones are windowed (default 30).")
-@click.option("--ext", default=None, help="Comma-separated extension allow-list (default: every audio format "
-              "this machine decodes, e.g. wav,flac,ogg,aiff).")
-@click.option("--index", "index_kind", default=None, type=click.Choice(["auto", "flat", "hnsw"]),
-              help="Vector index: exact (flat) or HNSW; auto = HNSW above 50,000 segments (default).")
+@click.option(
+    "--db",
+    "db",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Library folder (created if missing; updated incrementally if it exists).",
+)
+@click.option(
+    "--model",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Trained model folder (`atae train --out RUN`): enables text search. Changing it re-embeds "
+    "the stored tower outputs without re-running the tower.",
+)
+@click.option(
+    "--audio-encoder",
+    default=None,
+    help="Audio tower of a new library (default: the model's, else the default pair's).",
+)
+@click.option(
+    "--audio-weights", default=None, type=click.Path(dir_okay=False), help="Explicit tower weights."
+)
+@click.option(
+    "--window",
+    "window_s",
+    default=None,
+    type=click.FloatRange(min=0.5),
+    help="Window length (s) for files longer than --long (default 10; fixed at creation).",
+)
+@click.option(
+    "--hop", "hop_s", default=None, type=click.FloatRange(min=0.1), help="Window hop (s) (default 5)."
+)
+@click.option(
+    "--long",
+    "long_s",
+    default=None,
+    type=click.FloatRange(min=1.0),
+    help="Files up to this many seconds are one segment; longer ones are windowed (default 30).",
+)
+@click.option(
+    "--ext",
+    default=None,
+    help="Comma-separated extension allow-list (default: every audio format "
+    "this machine decodes, e.g. wav,flac,ogg,aiff).",
+)
+@click.option(
+    "--index",
+    "index_kind",
+    default=None,
+    type=click.Choice(["auto", "flat", "hnsw"]),
+    help="Vector index: exact (flat) or HNSW; auto = HNSW above 50,000 segments (default).",
+)
 @click.option("--wait", is_flag=True, help="If another process is indexing this library, wait for it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar (TTY only).")
-def index(dirs, db, model, audio_encoder, audio_weights, window_s, hop_s, long_s, ext, index_kind, wait,
-          as_json, progress):
+def index(
+    dirs,
+    db,
+    model,
+    audio_encoder,
+    audio_weights,
+    window_s,
+    hop_s,
+    long_s,
+    ext,
+    index_kind,
+    wait,
+    as_json,
+    progress,
+):
     """Index folders of audio into the library at --db (incremental, resumable: run it again anytime)."""
     import sys
 
     from atae.library import Library
 
-    lib = Library.open(db, create=True, audio_encoder=audio_encoder, audio_weights=audio_weights, model=model,
-                       window_s=window_s, hop_s=hop_s, long_s=long_s, index=index_kind)
+    lib = Library.open(
+        db,
+        create=True,
+        audio_encoder=audio_encoder,
+        audio_weights=audio_weights,
+        model=model,
+        window_s=window_s,
+        hop_s=hop_s,
+        long_s=long_s,
+        index=index_kind,
+    )
     try:
         rep = lib.add(list(dirs), exts=ext, progress=progress and sys.stderr.isatty(), wait=wait)
         stats = lib.stats()
@@ -48,11 +104,16 @@ def index(dirs, db, model, audio_encoder, audio_weights, window_s, hop_s, long_s
         click.echo(json.dumps({"report": rep.to_dict(), "library": stats}, indent=2))
         return
     click.echo(rep.summary())
-    click.echo(f"library: {stats['files']} files, {stats['segments']} segments, {stats['hours']:.2f} h, "
-               f"index {stats['index']}, space {stats['space']}")
+    click.echo(
+        f"library: {stats['files']} files, {stats['segments']} segments, {stats['hours']:.2f} h, "
+        f"index {stats['index']}, space {stats['space']}"
+    )
     if rep.failed:
-        click.secho(f"{len(rep.failed)} unreadable file(s) (kept out of the index; fixed files are retried):",
-                    fg="yellow", err=True)
+        click.secho(
+            f"{len(rep.failed)} unreadable file(s) (kept out of the index; fixed files are retried):",
+            fg="yellow",
+            err=True,
+        )
         for path, why in rep.failed[:25]:
             click.echo(f"  {path}: {why}", err=True)
         if len(rep.failed) > 25:
@@ -60,16 +121,25 @@ def index(dirs, db, model, audio_encoder, audio_weights, window_s, hop_s, long_s
     for path, why in rep.skipped[:25]:
         click.secho(f"  skipped {path}: {why}", fg="yellow", err=True)
     if rep.previously_failed:
-        click.echo(f"{rep.previously_failed} file(s) failed in an earlier run and are unchanged (not retried).",
-                   err=True)
+        click.echo(
+            f"{rep.previously_failed} file(s) failed in an earlier run and are unchanged (not retried).",
+            err=True,
+        )
 
 
 @click.command("serve")
-@click.option("--db", "db", required=True, type=click.Path(file_okay=False, exists=True), help="Library folder.")
+@click.option(
+    "--db", "db", required=True, type=click.Path(file_okay=False, exists=True), help="Library folder."
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--max-upload-mb", default=50, show_default=True, type=click.IntRange(1, 2048),
-              help="Largest example sound accepted for query by example.")
+@click.option(
+    "--max-upload-mb",
+    default=50,
+    show_default=True,
+    type=click.IntRange(1, 2048),
+    help="Largest example sound accepted for query by example.",
+)
 def serve(db, host, port, max_upload_mb):
     """Serve a search page for the library at --db (search box, players, waveforms, query by example)."""
     import uvicorn
@@ -79,12 +149,19 @@ def serve(db, host, port, max_upload_mb):
 
     lib = Library.open(db)
     if host not in ("127.0.0.1", "localhost", "::1"):
-        click.secho(f"warning: listening on {host}: anyone who can reach it can search and play your files",
-                    fg="yellow", err=True)
+        click.secho(
+            f"warning: listening on {host}: anyone who can reach it can search and play your files",
+            fg="yellow",
+            err=True,
+        )
     click.echo(f"atae: {lib.stats()['files']} files; open http://{host}:{port}/")
     try:
-        uvicorn.run(create_app(lib, max_upload_bytes=max_upload_mb * 1024 * 1024), host=host, port=port,
-                    log_level="warning")
+        uvicorn.run(
+            create_app(lib, max_upload_bytes=max_upload_mb * 1024 * 1024),
+            host=host,
+            port=port,
+            log_level="warning",
+        )
     finally:
         lib.close()
 

@@ -20,51 +20,106 @@ from atae.errors import QueryError
 @click.command("search")
 @click.argument("args", nargs=-1)
 @click.option("--db", default=None, type=click.Path(file_okay=False), help="Library folder (`atae index`).")
-@click.option("--audio", "audio", default=None, type=click.Path(dir_okay=False),
-              help="Query by example: rank by similarity to this sound.")
+@click.option(
+    "--audio",
+    "audio",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Query by example: rank by similarity to this sound.",
+)
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, 10_000), help="Results.")
 @click.option("--json", "as_json", is_flag=True, help="JSON output.")
 @click.option("--paths-only", is_flag=True, help="Print only the paths, best first (for scripts).")
-@click.option("--min-duration", default=None, type=click.FloatRange(min=0), help="Only files at least S s long.")
-@click.option("--max-duration", default=None, type=click.FloatRange(min=0), help="Only files at most S s long.")
+@click.option(
+    "--min-duration", default=None, type=click.FloatRange(min=0), help="Only files at least S s long."
+)
+@click.option(
+    "--max-duration", default=None, type=click.FloatRange(min=0), help="Only files at most S s long."
+)
 @click.option("--glob", "glob", default=None, help="Only files whose name or path matches (e.g. '*.wav').")
 @click.option("--scorer", default=None, help="Zero-shot scorer instead of the model (e.g. bridge, hybrid).")
-@click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False, exists=True),
-              help="Dataset mode: Clotho-format captions CSV.")
-@click.option("--audio-dir", default=None, type=click.Path(file_okay=False, exists=True),
-              help="Dataset mode: the audio folder.")
-@click.option("--feats", default=None, type=click.Path(file_okay=False),
-              help="Dataset mode: feature cache (default RUN/features).")
-def search(args, db, audio, k, as_json, paths_only, min_duration, max_duration, glob, scorer, csv_path,
-           audio_dir, feats):
-    """Search a library (--db LIB "text" | --db LIB --audio clip.wav) or a dataset (RUN "text" --csv --audio-dir)."""
+@click.option(
+    "--csv",
+    "csv_path",
+    default=None,
+    type=click.Path(dir_okay=False, exists=True),
+    help="Dataset mode: Clotho-format captions CSV.",
+)
+@click.option(
+    "--audio-dir",
+    default=None,
+    type=click.Path(file_okay=False, exists=True),
+    help="Dataset mode: the audio folder.",
+)
+@click.option(
+    "--feats",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Dataset mode: feature cache (default RUN/features).",
+)
+def search(
+    args,
+    db,
+    audio,
+    k,
+    as_json,
+    paths_only,
+    min_duration,
+    max_duration,
+    glob,
+    scorer,
+    csv_path,
+    audio_dir,
+    feats,
+):
+    """Search a library (--db LIB "text" | --db LIB --audio clip.wav) or a dataset
+    (RUN "text" --csv C --audio-dir D)."""
     if db is not None:
         if len(args) > 1:
-            raise QueryError(f"expected one quoted query, got {len(args)} words",
-                             fix='quote the query: atae search --db LIB "a door creaks open"')
+            raise QueryError(
+                f"expected one quoted query, got {len(args)} words",
+                fix='quote the query: atae search --db LIB "a door creaks open"',
+            )
         text = args[0] if args else None
         if text is None and audio is None:
-            raise QueryError("nothing to search for", fix='give a text query or --audio example.wav')
+            raise QueryError("nothing to search for", fix="give a text query or --audio example.wav")
         if text is not None and audio is not None:
             raise QueryError("give a text query or --audio, not both")
         from atae.library import Library
 
         lib = Library.open(db)
         try:
-            results = lib.search(text, audio=audio, k=k, min_duration=min_duration, max_duration=max_duration,
-                                 glob=glob, scorer=scorer)
+            results = lib.search(
+                text,
+                audio=audio,
+                k=k,
+                min_duration=min_duration,
+                max_duration=max_duration,
+                glob=glob,
+                scorer=scorer,
+            )
         finally:
             lib.close()
         _print([r.to_dict() for r in results], as_json, paths_only)
         return
     if len(args) != 2 or not csv_path or not audio_dir:
-        raise QueryError("use `atae search --db LIB \"query\"` (a library) or "
-                         "`atae search RUN \"query\" --csv C --audio-dir D` (a dataset)")
+        raise QueryError(
+            'use `atae search --db LIB "query"` (a library) or '
+            '`atae search RUN "query" --csv C --audio-dir D` (a dataset)'
+        )
     _print(dataset_search(args[0], args[1], csv_path, audio_dir, k=k, feats=feats), as_json, paths_only)
 
 
-def dataset_search(run: str, text: str, csv_path: str, audio_dir: str, *, k: int = 10,
-                   feats: str | None = None, progress: bool = True) -> list[dict]:
+def dataset_search(
+    run: str,
+    text: str,
+    csv_path: str,
+    audio_dir: str,
+    *,
+    k: int = 10,
+    feats: str | None = None,
+    progress: bool = True,
+) -> list[dict]:
     """Rank the clips of a Clotho-format dataset for ``text`` with the trained model ``run``."""
     import numpy as np
     import torch
@@ -82,8 +137,9 @@ def dataset_search(run: str, text: str, csv_path: str, audio_dir: str, *, k: int
         click.secho(f"warning: {p}", fg="yellow", err=True)
     audio_tower = get_audio_tower(model.audio_info.name)
     table = FeatureStore(feats or Path(run) / "features").audio_table(audio_tower.info)
-    rep = extract_audio(table, audio_tower, [(c.key, c.path) for c in dataset.clips if c.path is not None],
-                        progress=progress)
+    rep = extract_audio(
+        table, audio_tower, [(c.key, c.path) for c in dataset.clips if c.path is not None], progress=progress
+    )
     for path, why in rep.failed:
         click.secho(f"warning: skipped {path}: {why}", fg="yellow", err=True)
     clips = [c for c in dataset.clips if c.key in table]
@@ -95,12 +151,19 @@ def dataset_search(run: str, text: str, csv_path: str, audio_dir: str, *, k: int
         q = model.embed_text(seq, torch.ones(1, seq.shape[1], dtype=torch.bool), normalize=True)[0]
         scores = []
         for i in range(0, len(clips), 256):
-            z, mask = table.batch([c.key for c in clips[i:i + 256]])
+            z, mask = table.batch([c.key for c in clips[i : i + 256]])
             scores.append(model.embed_audio(z, mask, normalize=True) @ q)
         scores = torch.cat(scores).numpy()
     order = np.argsort(-scores, kind="stable")[:k]
-    return [{"rank": r + 1, "score": round(float(scores[i]), 6), "path": str(clips[i].path),
-             "file_name": clips[i].key} for r, i in enumerate(order)]
+    return [
+        {
+            "rank": r + 1,
+            "score": round(float(scores[i]), 6),
+            "path": str(clips[i].path),
+            "file_name": clips[i].key,
+        }
+        for r, i in enumerate(order)
+    ]
 
 
 def _print(rows: list[dict], as_json: bool, paths_only: bool) -> None:

@@ -45,7 +45,7 @@ def train(recipe, train_csv, train_audio, val_csv, val_audio, noisy_json, noisy_
 
 
 @click.command()
-@click.argument("run", type=click.Path(file_okay=False))
+@click.argument("run", required=False, type=click.Path(file_okay=False))
 @click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False),
               help="Clotho-format captions CSV: DCASE 2022 evaluation (every caption one query).")
 @click.option("--queries", default=None, type=click.Path(dir_okay=False),
@@ -55,25 +55,35 @@ def train(recipe, train_csv, train_audio, val_csv, val_audio, noisy_json, noisy_
 @click.option("--json", "json_out", required=True, type=click.Path(dir_okay=False), help="Metrics JSON.")
 @click.option("--submission", default=None, type=click.Path(dir_okay=False),
               help="Also write a DCASE submission CSV (caption,file_name_1..10).")
+@click.option("--scorer", default="adapter", show_default=True,
+              type=click.Choice(["adapter", "bridge", "hybrid"]),
+              help="adapter: the trained model; bridge: zero-shot AudioSet tags (no RUN needed); "
+                   "hybrid: both.")
 @click.option("--feats", default=None, type=click.Path(file_okay=False),
-              help="Feature cache (default RUN/features).")
+              help="Feature cache (default RUN/features, or ./atae-features without RUN).")
+@click.option("--audio-encoder", default=None,
+              help="Only without RUN (--scorer bridge): the tagging tower, e.g. efficientat-mn04.")
 @click.option("--audio-weights", default=None, type=click.Path(dir_okay=False),
-              help="Weights of the model's audio tower if not installed where atae finds them.")
-@click.option("--text-weights", default=None, type=click.Path(), help="Same for the text tower.")
+              help="Weights of the audio tower if not installed where atae finds them.")
+@click.option("--text-encoder", default=None, help="Only without RUN: the text tower (default minilm).")
+@click.option("--text-weights", default=None, type=click.Path(), help="Weights of the text tower.")
+@click.option("--temperature", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Bridge softmax temperature (default: the model's tuned value, else the bridge default).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars (TTY only).")
-def evaluate(run, csv_path, queries, audio_dir, json_out, submission, feats, audio_weights, text_weights,
-             progress):
-    """Evaluate a trained RUN on a caption CSV (DCASE 2022) or a query file (DCASE 2025)."""
+def evaluate(run, csv_path, queries, audio_dir, json_out, submission, scorer, feats, audio_encoder,
+             audio_weights, text_encoder, text_weights, temperature, progress):
+    """Evaluate RUN (or a zero-shot scorer) on a caption CSV (DCASE 2022) or a query file (DCASE 2025)."""
     from atae.evaluate import evaluate_run, format_metrics
 
     res = evaluate_run(run, audio_dir=audio_dir, json_out=json_out, csv=csv_path, queries=queries,
-                       submission=submission, feats=feats, audio_weights=audio_weights,
-                       text_weights=text_weights, progress=progress)
+                       submission=submission, feats=feats, scorer=scorer, audio_encoder=audio_encoder,
+                       audio_weights=audio_weights, text_encoder=text_encoder, text_weights=text_weights,
+                       temperature=temperature, progress=progress)
     for p in res.problems[:20]:
         click.secho(f"warning: {p}", fg="yellow", err=True)
     if len(res.problems) > 20:
         click.secho(f"warning: ... and {len(res.problems) - 20} more (see {json_out})", fg="yellow", err=True)
-    click.echo(f"{res.mode}: {len(res.queries)} queries over {len(res.candidates)} clips")
+    click.echo(f"{res.mode} ({scorer}): {len(res.queries)} queries over {len(res.candidates)} clips")
     click.echo(format_metrics(res.metrics))
     click.echo(f"metrics -> {json_out}" + (f", submission -> {submission}" if submission else ""))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import html
+import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +78,8 @@ def read_text(path: Path, *, fallback_problem: list[str] | None = None) -> str:
 
 def csv_rows(text: str) -> list[list[str]]:
     """Parse CSV text (quoted fields may hold commas and newlines); blank lines are dropped."""
-    return [r for r in csv.reader(text.splitlines(keepends=True)) if any(f.strip() for f in r)]
+    # StringIO(newline="") splits on \n, \r, \r\n only (str.splitlines would also split on U+0085, \x0c...)
+    return [r for r in csv.reader(io.StringIO(text, newline="")) if any(f.strip() for f in r)]
 
 
 def header_columns(path: Path, header: list[str], required: list[str], pattern: re.Pattern | None = None,

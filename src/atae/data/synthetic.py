@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-CORPUS_VERSION = 1
+CORPUS_VERSION = 1  # bump whenever the synthesis changes: a stored corpus is reused only on a match
 CAPTIONS_PER_CLIP = 5
 
 
@@ -488,6 +488,10 @@ def make_demo_corpus(out_dir, *, seed: int = 0, clips_per_concept: int = 12, sr:
             rows[split].append([fname] + caps)
     for split, r in rows.items():
         _atomic_csv(result[split], r)
+    made = {r[0] for split_rows in rows.values() for r in split_rows}
+    for stale in audio_dir.glob("*.wav"):  # clips of an earlier, larger corpus in this folder
+        if stale.name not in made and concept_of(stale.name) in CONCEPTS:
+            stale.unlink()
     tmp = manifest.with_suffix(".json.tmp")
     counts = {s: len(r) for s, r in rows.items()}
     tmp.write_text(json.dumps({"settings": settings, "clips": counts}, indent=1))

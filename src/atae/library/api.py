@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from atae.errors import AtaeError, LibraryError, ModelError, QueryError
+from atae.errors import LibraryError, ModelError, QueryError
 from atae.library import indexer as _indexer
 from atae.library.db import LibraryDB
 from atae.library.lock import WriterLock
@@ -81,6 +81,9 @@ def _same_tower(a, b) -> bool:
     return a.name == b.name and a.dim == b.dim and a.weights_sha256 == b.weights_sha256
 
 
+_OWN_FILES = {"library.sqlite", "library.sqlite-wal", "library.sqlite-shm", "lock", "cache"}
+
+
 class Library:
     """A sound library. Use ``Library.open``; thread-safe for searches (one internal lock)."""
 
@@ -129,7 +132,10 @@ class Library:
         exists = (root / "library.sqlite").exists()
         if not exists and not create:
             raise LibraryError("no library here", path=root, fix="create it with `atae index DIR --db LIB`")
-        if create:
+        if create and not exists:
+            if root.exists() and (not root.is_dir() or any(p.name not in _OWN_FILES for p in root.iterdir())):
+                raise LibraryError("this folder exists and is not an atae library", path=root,
+                                   fix="give --db a new or empty folder (the library is a folder of its own)")
             root.mkdir(parents=True, exist_ok=True)
         db = LibraryDB(root, create=create)
         lib = cls(root, db, audio_tower=audio_tower, text_tower=text_tower)
@@ -464,8 +470,15 @@ class Library:
         return _Ctx()
 
     # --- indexing ------------------------------------------------------------------------------------
-    def add(self, paths, *, exts=None, progress: bool = False, wait: bool = False,
-            batch_files: int = _indexer.BATCH_FILES) -> _indexer.IndexReport:
+    def add(
+        self,
+        paths,
+        *,
+        exts=None,
+        progress: bool = False,
+        wait: bool = False,
+        batch_files: int = _indexer.BATCH_FILES,
+    ) -> _indexer.IndexReport:
         """Index (or update) folders/files incrementally; see ``atae.library.indexer`` for the rules.
         Raises ``LibraryError`` if another process is indexing this library (``wait=True`` queues)."""
         if isinstance(paths, (str, Path)):
@@ -558,18 +571,19 @@ class Library:
         scorer=None,
     ) -> list[SearchResult]:
         """Rank the library's files for a text query or an example sound; one result per file (its best
-        segment). ``glob`` (fnmatch) must match the file name or its full path. ``scorer``: None (the
-        library's space) or an object with ``score(library, text) -> (segment_ids, scores)`` (the seam
-        for zero-shot scorers, e.g. the AudioSet tag bridge) or a name that ``atae.bridge`` resolves."""
+        segment). ``glob`` (fnmatch) must match the file name or its full path. ``scorer``: None or "model"
+        (the library's vector space), "bridge" / "hybrid" (zero-shot via AudioSet tags, ``scorers.py``),
+        or any object with ``score(library, text) -> (segment_ids, scores)``."""
         if not isinstance(k, int) or k < 1 or k > 10_000:
             raise QueryError(f"k must be an integer between 1 and 10000, not {k!r}")
         with self._lock:
             self._refresh()
+            scorer = _resolve_scorer(scorer) if scorer is not None else None
             if scorer is not None:
                 if text is None:
                     raise QueryError("a scorer ranks text queries; drop --scorer for query by example")
                 text = validate_text_query(text)
-                ids, scores = _resolve_scorer(scorer).score(self, text)
+                ids, scores = scorer.score(self, text)
                 order = np.argsort(-np.asarray(scores), kind="stable")
                 return self._collect(
                     np.asarray(ids)[order], np.asarray(scores)[order], k, min_duration, max_duration, glob
@@ -609,27 +623,20 @@ class Library:
         return list(best.values())
 
 
+_SCORER_CACHE: dict = {}
+
+
 def _resolve_scorer(scorer):
+    """An object with ``score(library, text)``, or a name in ``scorers.SCORERS`` (built once, cached)."""
     if hasattr(scorer, "score"):
         return scorer
     if isinstance(scorer, str):
-        try:
-            from atae import bridge
-        except ImportError as exc:
-            raise QueryError(
-                f"the {scorer!r} scorer is not available in this install",
-                fix="train a model (atae train ...) and index with --model RUN",
-            ) from exc
-        make = getattr(bridge, "library_scorer", None)
-        if make is None:
-            raise QueryError(
-                f"the {scorer!r} scorer does not support libraries yet",
-                fix="train a model (atae train ...) and index with --model RUN",
-            )
-        try:
-            return make(scorer)
-        except AtaeError:
-            raise
-        except (KeyError, ValueError) as exc:
-            raise QueryError(f"unknown scorer {scorer!r}", fix="use --scorer bridge or hybrid") from exc
-    raise QueryError(f"unknown scorer {scorer!r}", fix="use --scorer bridge or hybrid")
+        from atae.library.scorers import SCORERS
+
+        if scorer in ("model", "adapter"):
+            return None
+        if scorer in SCORERS:
+            if scorer not in _SCORER_CACHE:
+                _SCORER_CACHE[scorer] = SCORERS[scorer]()
+            return _SCORER_CACHE[scorer]
+    raise QueryError(f"unknown scorer {scorer!r}", fix="use --scorer bridge, hybrid or model")

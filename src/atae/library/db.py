@@ -257,7 +257,8 @@ class LibraryDB:
         )
         fid = cur.lastrowid
         self.conn.executemany(
-            "INSERT INTO segments(file_id, seg_index, start_s, end_s, n_elems, raw, tags) VALUES (?,?,?,?,?,?,?)",
+            "INSERT INTO segments(file_id, seg_index, start_s, end_s, n_elems, raw, tags) "
+            "VALUES (?,?,?,?,?,?,?)",
             [
                 (
                     fid,
@@ -298,8 +299,10 @@ class LibraryDB:
         """Yield (ids (n,), [ (T_i, F) float32 sequences ]) in id order: all segments or the given ids."""
 
         def pack(rows):
-            return (np.array([r[0] for r in rows], dtype=np.int64),
-                    [np.frombuffer(r[2], dtype=np.float32).reshape(r[1], -1) for r in rows])
+            return (
+                np.array([r[0] for r in rows], dtype=np.int64),
+                [np.frombuffer(r[2], dtype=np.float32).reshape(r[1], -1) for r in rows],
+            )
 
         if ids is None:
             cur = self.conn.execute("SELECT id, n_elems, raw FROM segments ORDER BY id")

@@ -176,7 +176,8 @@ def run_index(lib, roots, *, exts=None, progress: bool = True, batch_files: int 
         try:
             h = fast_hash(f.path, f.size)
         except OSError as exc:
-            rep.skipped.append((f.path, f"could not be read ({exc.strerror or exc})"))
+            # not stored as failed: a permission fix does not change mtime, so retry on every run
+            rep.failed.append((f.path, f"cannot be read ({exc.strerror or exc}); fix its permissions"))
             continue
         if row is not None and row.status == "ok" and row.hash == h:
             touch.append((row.id, f.size, f.mtime_ns))

@@ -137,6 +137,9 @@ class VectorIndex:
         os.close(fd)
         try:
             faiss.write_index(self.index, tmp)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the index is as readable as the SQLite file
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)

@@ -30,7 +30,6 @@ from atae.errors import AtaeError, AudioError, LibraryError, ModelError, QueryEr
 
 STATIC = Path(__file__).with_name("static")
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
-WAVEFORM_RATE = 2000  # Hz: plenty for a 480-pixel picture, cheap to decode
 
 mimetypes.add_type("audio/flac", ".flac")
 mimetypes.add_type("audio/ogg", ".ogg")
@@ -59,8 +58,10 @@ def _atae_status(e: AtaeError) -> int:
 
 _SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
-    (b"content-security-policy",
-     b"default-src 'self'; media-src 'self' blob:; img-src 'self' data:; style-src 'self'"),
+    (
+        b"content-security-policy",
+        b"default-src 'self'; media-src 'self' blob:; img-src 'self' data:; style-src 'self'",
+    ),
 ]
 
 
@@ -111,8 +112,11 @@ class _Guard:
             await self._refuse(send_with_headers)
 
     async def _refuse(self, send):
-        resp = _err(413, f"upload larger than {self.limit / (1024 * 1024):g} MB",
-                    "use a shorter example sound (a few seconds is enough)")
+        resp = _err(
+            413,
+            f"upload larger than {self.limit / (1024 * 1024):g} MB",
+            "use a shorter example sound (a few seconds is enough)",
+        )
         await resp({"type": "http"}, None, send)
 
 
@@ -135,8 +139,10 @@ def create_app(library, *, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
-        parts = ["{}: {}".format(".".join(str(x) for x in err.get("loc", ())[1:]) or "request", err.get("msg"))
-                 for err in e.errors()]
+        parts = [
+            "{}: {}".format(".".join(str(x) for x in err.get("loc", ())[1:]) or "request", err.get("msg"))
+            for err in e.errors()
+        ]
         return _err(400, "; ".join(parts) or "invalid request")
 
     @app.exception_handler(Exception)
@@ -159,13 +165,22 @@ def create_app(library, *, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
         return k
 
     @app.get("/api/search")
-    def search_text(q: str = "", k: str = "10", min_duration: float | None = None,
-                    max_duration: float | None = None, glob: str | None = None):
+    def search_text(
+        q: str = "",
+        k: str = "10",
+        min_duration: float | None = None,
+        max_duration: float | None = None,
+        glob: str | None = None,
+    ):
         t0 = time.perf_counter()
-        res = library.search(q, k=_k(k), min_duration=min_duration, max_duration=max_duration,
-                             glob=glob or None)
-        return {"query": q, "results": [r.to_dict() for r in res],
-                "took_ms": round((time.perf_counter() - t0) * 1000, 1)}
+        res = library.search(
+            q, k=_k(k), min_duration=min_duration, max_duration=max_duration, glob=glob or None
+        )
+        return {
+            "query": q,
+            "results": [r.to_dict() for r in res],
+            "took_ms": round((time.perf_counter() - t0) * 1000, 1),
+        }
 
     @app.post("/api/search")
     async def search_example(request: Request):
@@ -190,12 +205,18 @@ def create_app(library, *, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
                 reason = str(e).replace(tmp + ": ", "").replace(tmp, name)
                 if e.fix:
                     reason = reason.replace(f" (fix: {e.fix})", "")
-                return _err(400, f"{name} is not a readable audio file: {reason}",
-                            "upload a WAV, FLAC, OGG or AIFF sound")
+                return _err(
+                    400,
+                    f"{name} is not a readable audio file: {reason}",
+                    "upload a WAV, FLAC, OGG or AIFF sound",
+                )
         finally:
             os.unlink(tmp)
-        return {"query": name, "results": [r.to_dict() for r in res],
-                "took_ms": round((time.perf_counter() - t0) * 1000, 1)}
+        return {
+            "query": name,
+            "results": [r.to_dict() for r in res],
+            "took_ms": round((time.perf_counter() - t0) * 1000, 1),
+        }
 
     def _file(file_id: str):
         if not file_id.isdigit() or len(file_id) > 18:
@@ -213,8 +234,9 @@ def create_app(library, *, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
         if not os.path.isfile(row.path):
             return _err(404, "the file is no longer on disk", "run `atae index` again to update the library")
         media = mimetypes.guess_type(row.path)[0] or "application/octet-stream"
-        return FileResponse(row.path, media_type=media, content_disposition_type="inline",
-                            filename=os.path.basename(row.path))
+        return FileResponse(
+            row.path, media_type=media, content_disposition_type="inline", filename=os.path.basename(row.path)
+        )
 
     @app.get("/api/waveform/{name}")
     def waveform(name: str):
@@ -226,13 +248,13 @@ def create_app(library, *, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
         key = f"wave-{row.id}-{row.size}-{row.mtime_ns}.png"
         p = cache / key
         if p.is_file():
-            return Response(p.read_bytes(), media_type="image/png",
-                            headers={"Cache-Control": "max-age=86400"})
-        from atae.audio import load_audio
-        from atae.server.waveform import render
+            return Response(
+                p.read_bytes(), media_type="image/png", headers={"Cache-Control": "max-age=86400"}
+            )
+        from atae.server.waveform import file_envelope, render
 
         try:
-            png = render(load_audio(row.path, WAVEFORM_RATE))
+            png = render(env=file_envelope(row.path))
         except AudioError:
             return _err(404, "the file can no longer be decoded", "run `atae index` again")
         try:

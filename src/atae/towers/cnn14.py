@@ -97,10 +97,11 @@ class _STFT(nn.Module):
         super().__init__()
         self.conv_real = nn.Conv1d(1, N_FFT // 2 + 1, N_FFT, stride=HOP, bias=False)
         self.conv_imag = nn.Conv1d(1, N_FFT // 2 + 1, N_FFT, stride=HOP, bias=False)
-        real, imag = dft_conv_weights()
-        with torch.no_grad():
-            self.conv_real.weight.copy_(torch.from_numpy(real))
-            self.conv_imag.weight.copy_(torch.from_numpy(imag))
+        if not self.conv_real.weight.is_meta:
+            real, imag = dft_conv_weights()
+            with torch.no_grad():
+                self.conv_real.weight.copy_(torch.from_numpy(real))
+                self.conv_imag.weight.copy_(torch.from_numpy(imag))
         for p in self.parameters():
             p.requires_grad_(False)
 
@@ -122,7 +123,11 @@ class _Spectrogram(nn.Module):
 class _LogMel(nn.Module):
     def __init__(self):
         super().__init__()
-        self.melW = nn.Parameter(torch.from_numpy(mel_filterbank_slaney().T.copy()), requires_grad=False)
+        if torch.empty(0).is_meta:  # built on the meta device: shapes only, the weights come from a file
+            melw = torch.empty(1 + N_FFT // 2, N_MELS)
+        else:
+            melw = torch.from_numpy(mel_filterbank_slaney().T.copy())
+        self.melW = nn.Parameter(melw, requires_grad=False)
 
     def forward(self, power: torch.Tensor) -> torch.Tensor:
         mel = torch.matmul(power, self.melW)
@@ -182,6 +187,58 @@ class Cnn14(nn.Module):
         return out
 
 
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> Cnn14:
+        """Build without random initialisation (80 M parameters) and take ``state`` strictly."""
+        with torch.device("meta"):
+            net = cls()
+        net.load_state_dict(state, strict=True, assign=True)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        return net.eval()
+
+
+class FastCnn14(nn.Module):
+    """Inference-only CNN14 with the same numbers (within float32 rounding), for extraction speed.
+
+    Differences from ``Cnn14.forward``, none of which changes the function: BatchNorm of every conv
+    block folded into the conv weights and a bias, and in-place ReLU. The front end stays the official
+    DFT convolution: ``torch.stft`` would save ~3 % of the time but moves quiet log-mel bins by up to
+    0.07 dB and the embedding of the golden chirp by 7e-5 (a third of the fixture's tolerance)."""
+
+    def __init__(self, net: Cnn14):
+        super().__init__()
+        self.spectrogram_extractor, self.logmel_extractor = net.spectrogram_extractor, net.logmel_extractor
+        self.bn0 = net.bn0
+        for k in range(1, 7):
+            b = getattr(net, f"conv_block{k}")
+            for j, (conv, bn) in enumerate(((b.conv1, b.bn1), (b.conv2, b.bn2)), start=1):
+                w, bias = self._fold(conv, bn)
+                self.register_buffer(f"w{k}_{j}", w)
+                self.register_buffer(f"b{k}_{j}", bias)
+        self.fc1, self.fc_audioset = net.fc1, net.fc_audioset
+
+    @staticmethod
+    def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            return (conv.weight * scale[:, None, None, None]).contiguous(), bn.bias - bn.running_mean * scale
+
+    def forward(self, wave: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.logmel_extractor(self.spectrogram_extractor(wave))  # (B, 1, T, 64)
+        x = self.bn0(x.transpose(1, 3)).transpose(1, 3)
+        for k in range(1, 7):
+            x = F.relu_(F.conv2d(x, getattr(self, f"w{k}_1"), getattr(self, f"b{k}_1"), padding=1))
+            x = F.relu_(F.conv2d(x, getattr(self, f"w{k}_2"), getattr(self, f"b{k}_2"), padding=1))
+            if k < 6:
+                x = F.avg_pool2d(x, 2)
+        x = x.mean(dim=3)
+        x = x.amax(dim=2) + x.mean(dim=2)
+        emb = F.relu(self.fc1(x))
+        logits = self.fc_audioset(emb)
+        return {"embedding": emb, "logits": logits, "clipwise_output": torch.sigmoid(logits)}
+
+
 # ------------------------------------------------------------------------------------------ loading
 _FRONT_END = ("spectrogram_extractor.stft.conv_real.weight", "spectrogram_extractor.stft.conv_imag.weight",
               "logmel_extractor.melW")
@@ -202,13 +259,28 @@ def checkpoint_state_dict(obj, path: str | Path | None = None) -> dict[str, torc
     return dict(obj)
 
 
+_REFERENCE: dict = {}
+
+
+def _reference() -> tuple[dict[str, torch.Size], dict[str, torch.Tensor]]:
+    """Expected shapes (from a meta-device model) and the formula front-end tensors, computed once."""
+    if not _REFERENCE:
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in Cnn14().state_dict().items()}
+        real, imag = dft_conv_weights()
+        front = dict(zip(_FRONT_END, (torch.from_numpy(real), torch.from_numpy(imag),
+                                      torch.from_numpy(mel_filterbank_slaney().T.copy())), strict=True))
+        _REFERENCE.update(shapes=shapes, front=front)
+    return _REFERENCE["shapes"], _REFERENCE["front"]
+
+
 def check_state_dict(state: dict[str, torch.Tensor], path: str | Path | None = None) -> None:
     """Refuse a state_dict that is not the 32 kHz / 64-mel / 527-class CNN14, naming offending keys."""
-    ref = Cnn14().state_dict()
-    missing = [k for k in ref if k not in state]
-    extra = [k for k in state if k not in ref]
-    shape = [f"{k} {tuple(state[k].shape)} != {tuple(ref[k].shape)}" for k in ref
-             if k in state and state[k].shape != ref[k].shape]
+    shapes, front = _reference()
+    missing = [k for k in shapes if k not in state]
+    extra = [k for k in state if k not in shapes]
+    shape = [f"{k} {tuple(state[k].shape)} != {tuple(shapes[k])}" for k in shapes
+             if k in state and state[k].shape != shapes[k]]
     if missing or extra or shape:
         parts = []
         if missing:
@@ -219,8 +291,8 @@ def check_state_dict(state: dict[str, torch.Tensor], path: str | Path | None = N
             parts.append(f"wrong shapes e.g. {shape[:3]}")
         raise WeightsError("not a CNN14 (32 kHz, 64 mels, 527 classes) state_dict: " + "; ".join(parts),
                            path=path, fix=_FIX)
-    for k in _FRONT_END:  # frozen tensors: a different sample rate / window / mel range shows up here
-        if not torch.allclose(state[k].float(), ref[k], atol=1e-4, rtol=1e-3):
+    for k, ref in front.items():  # frozen tensors: another sample rate / window / mel range shows here
+        if not torch.allclose(state[k].float(), ref, atol=1e-4, rtol=1e-3):
             raise WeightsError(f"{k} differs from the 32 kHz CNN14 front end (a CNN14 variant for another "
                                "sample rate or mel range?)", path=path, fix=_FIX)
 
@@ -265,9 +337,8 @@ class Cnn14Tower(AudioTower):
 
             self.weights_path = wreg.resolve("cnn14", weights)
             state = load_cnn14_weights(self.weights_path)
-        self.net = Cnn14()
-        self.net.load_state_dict(state, strict=True)
-        self.net.eval().to(self.device)
+        self.net = Cnn14.from_state_dict(state).to(self.device)
+        self.fast = FastCnn14(self.net).to(self.device).eval()
         self._info: TowerInfo | None = None
 
     @property
@@ -294,7 +365,7 @@ class Cnn14Tower(AudioTower):
     @torch.inference_mode()
     def run_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, N) equal-length waves -> (embeddings (B, 2048), tag probabilities (B, 527)) float32."""
-        out = self.net(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device))
+        out = self.fast(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device))
         return out["embedding"].float().cpu().numpy(), out["clipwise_output"].float().cpu().numpy()
 
     def _segments(self, wave: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:

@@ -110,19 +110,19 @@ class HFTextTower(TextTower):
 
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> list[np.ndarray]:
-        if isinstance(texts, str):
-            texts = [texts]
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            return []
         for i, t in enumerate(texts):
             if not isinstance(t, str) or not t.strip():
                 raise QueryError(f"text {i} is empty ({t!r})", fix="give a non-empty caption or query")
-        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=False)
-        ids = enc["input_ids"]
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths batch together
-        out: list[np.ndarray | None] = [None] * len(ids)
+        kw = {"truncation": True, "max_length": self.max_length}
+        lengths = [len(x) for x in self.tokenizer(list(texts), **kw)["input_ids"]]
+        order = sorted(range(len(texts)), key=lambda i: lengths[i])  # similar lengths batch together
+        out: list[np.ndarray | None] = [None] * len(texts)
         for s in range(0, len(order), self.batch_size):
             chunk = order[s:s + self.batch_size]
-            feats = [{k: enc[k][i] for k in enc.keys()} for i in chunk]
-            batch = self.tokenizer.pad(feats, padding=True, return_tensors="pt")
+            batch = self.tokenizer([texts[i] for i in chunk], padding=True, return_tensors="pt", **kw)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             hidden = self.model(**batch, output_hidden_states=True).hidden_states[self._state]
             hidden = hidden.float().cpu().numpy()
