@@ -221,6 +221,84 @@ def bench_size(n: int, args, rng, centres, enc) -> dict:
     return res
 
 
+def bench_product_search(n: int, rng, centres, queries: int = 50) -> dict | None:
+    """``Library.search(text)`` end to end (validation, minilm, adapter, FAISS flat, SQLite lookups of
+    the hits, per-file grouping) on a library of ``n`` one-segment files whose raw 512-d vectors are
+    written straight into SQLite (no audio), with a random adapter model."""
+    try:
+        import torch
+
+        from atae.library import Library
+        from atae.library.db import SegmentIn
+        from atae.model import AlignedModel
+        from atae.towers.base import AudioEncoding, AudioTower, TowerInfo
+        from atae.towers.registry import get_text_tower
+    except ImportError as exc:
+        print(f"product search not measured ({exc})", file=sys.stderr)
+        return None
+
+    class Fake512(AudioTower):
+        name, sample_rate, dim = "fake512", 16000, DIM
+
+        @property
+        def info(self):
+            return TowerInfo("fake512", "audio", DIM, None, 16000, {})
+
+        def encode(self, wave):
+            return AudioEncoding(np.zeros((1, DIM), np.float32), np.zeros((1, 2)))
+
+    torch.set_num_threads(1)
+    tt = get_text_tower("minilm")
+    torch.manual_seed(0)
+    model = AlignedModel(Fake512().info, tt.info)
+    x = clustered(n, rng, centres)
+    with tempfile.TemporaryDirectory() as d:
+        lib = Library.open(
+            Path(d) / "lib", create=True, audio_tower=Fake512(), text_tower=tt, model=model, index="flat"
+        )
+        t = time.perf_counter()
+        for s0 in range(0, n, 5000):
+            with lib.db.transaction():
+                for i in range(s0, min(n, s0 + 5000)):
+                    lib.db.put_file(
+                        path=f"/lib/clip_{i:07d}.wav",
+                        size=1,
+                        mtime_ns=1,
+                        hash=None,
+                        duration=10.0,
+                        sample_rate=16000,
+                        channels=1,
+                        encoder="fake512",
+                        model_version=None,
+                        status="ok",
+                        error=None,
+                        segments=[SegmentIn(0.0, 10.0, x[i][None])],
+                    )
+        insert_s = time.perf_counter() - t
+        t = time.perf_counter()
+        lib._refresh(force=True)
+        embed_s = time.perf_counter() - t
+        lib.search("warm up", k=10)
+        lat = []
+        for i in range(queries):
+            t = time.perf_counter()
+            lib.search(CAPTIONS[i % len(CAPTIONS)] + f" {i}", k=10)
+            lat.append(time.perf_counter() - t)
+        db_mb = (Path(d) / "lib" / "library.sqlite").stat().st_size / 1e6
+        lib.close()
+    out = {
+        "n": n,
+        "index": "flat",
+        "sqlite_insert_s": insert_s,
+        "embed_and_build_s": embed_s,
+        "sqlite_mb": db_mb,
+        "search_p50_ms": pct(lat, 50),
+        "search_p95_ms": pct(lat, 95),
+    }
+    print("product search", out, flush=True)
+    return out
+
+
 def bench_indexing(n_clips: int) -> dict | None:
     shared = Path(os.environ.get("ATAE_SHARED", ROOT.parent / "shared"))
     src = shared / "data" / "esc50" / "audio_16k"
@@ -284,6 +362,7 @@ def plot(results: list[dict], path: Path) -> None:
                 ns,
                 [p[1]["text_query_p50_ms"] for p in pts],
                 style[0] + "--",
+                color=color,
                 label=f"{kind}: text encode + search p50",
             )
     ax.set_xscale("log")
@@ -304,6 +383,7 @@ def main() -> None:
     ap.add_argument("--build-threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--hnsw-budget-s", type=float, default=300.0)
     ap.add_argument("--audio-clips", type=int, default=60)
+    ap.add_argument("--product-n", type=int, default=100_000, help="Library.search end-to-end size.")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "library.json"))
     ap.add_argument("--plot-only", action="store_true", help="Redraw the PNG from an existing --out JSON.")
     args = ap.parse_args()
@@ -327,6 +407,7 @@ def main() -> None:
         "text_encoder": enc_name,
         "build_threads": args.build_threads,
         "sizes": results,
+        "product_search": bench_product_search(args.product_n, rng, centres),
         "indexing": bench_indexing(args.audio_clips),
     }
     path = Path(args.out)

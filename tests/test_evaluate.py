@@ -319,3 +319,50 @@ def test_scorer_errors(world_model):
                    text_tower=_HashTextTower(), audio_tower=_TagTower(other))
     with pytest.raises(AtaeError, match="unknown scorer"):
         scores_for("magic", candidates=cands, texts=["x"], audio_table=atab)
+
+
+@pytest.mark.slow
+def test_cli_bridge_scorer_without_a_model(shared, tmp_path):
+    """`atae evaluate --scorer bridge --audio-encoder efficientat-mn04 ...` on real ESC-50 clips: no RUN."""
+    from click.testing import CliRunner
+
+    from atae.cli import main
+
+    weights = shared / "data" / "weights" / "efficientat_mn04" / "mn04_as_mAP_432.pt"
+    audio = shared / "data" / "esc50" / "audio_16k"
+    rows = list(csv.DictReader((shared / "data" / "esc50" / "meta" / "esc50.csv").open(encoding="utf-8")))
+    classes = {"siren": "a siren wails", "rooster": "a rooster crows", "dog": "a dog barks"}
+    picked = {c: [r["filename"].replace(".wav", ".ogg") for r in rows
+                  if r["category"] == c and r["fold"] == "4"][:2] for c in classes}
+    with open(tmp_path / "c.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["file_name", "caption_1"])
+        for c, files in picked.items():
+            w.writerows([[fn, classes[c]] for fn in files])
+    d = tmp_path / "audio"
+    d.mkdir()
+    for files in picked.values():
+        for fn in files:
+            (d / fn).symlink_to(audio / fn)
+    with open(tmp_path / "q.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["query", "audio_filenames"])
+        w.writerows([[classes[c], repr(files)] for c, files in picked.items()])
+    base = ["evaluate", "--scorer", "bridge", "--audio-encoder", "efficientat-mn04", "--audio-weights",
+            str(weights), "--audio-dir", str(d), "--feats", str(tmp_path / "feats"), "--no-progress"]
+    r = CliRunner().invoke(main, base + ["--csv", str(tmp_path / "c.csv"),
+                                         "--json", str(tmp_path / "a.json")])
+    assert r.exit_code == 0, r.output
+    a = json.loads((tmp_path / "a.json").read_text())
+    assert a["_info"]["scorer"] == "bridge" and a["_info"]["queries"] == 6 and a["_info"]["candidates"] == 6
+    r = CliRunner().invoke(main, base + ["--queries", str(tmp_path / "q.csv"),
+                                         "--json", str(tmp_path / "b.json")])
+    assert r.exit_code == 0, r.output
+    b = json.loads((tmp_path / "b.json").read_text())
+    # three distinct AudioSet classes, 2 of 6 clips relevant each: a random ranking finds a relevant clip
+    # first a third of the time; the zero-shot bridge must beat that clearly
+    assert b["_info"]["mode"] == "dcase2025" and b["R@1"]["value"] > 1 / 3
+    # hybrid and adapter need a trained model
+    r = CliRunner().invoke(main, base[:2] + ["hybrid"] + base[3:] + ["--csv", str(tmp_path / "c.csv"),
+                                                                    "--json", str(tmp_path / "c.json")])
+    assert r.exit_code == 2 and "needs a trained model" in r.output

@@ -17,7 +17,7 @@ from atae.train import (
     recipe_names,
     run_recipe,
 )
-from train_fakes import FakeClip, FakeDataset, FakeTable, make_world
+from train_fakes import AUDIO_INFO, TEXT_INFO, FakeClip, FakeDataset, FakeTable, make_world
 
 torch.set_num_threads(1)
 SMALL = {"hidden": 32, "out_dim": 16, "batch_size": 8}
@@ -196,8 +196,6 @@ def test_other_run_in_out_dir_is_not_overwritten(world, tmp_path):
 def test_training_on_variable_length_audio_uses_masked_mean(tmp_path):
     # one clip's audio repeated: the mean of identical rows equals one row, so a model must embed
     # [x] and [x, x, x] identically (padding or a plain sum would not)
-    from train_fakes import AUDIO_INFO
-
     x = np.random.default_rng(0).standard_normal((1, AUDIO_INFO.dim)).astype(np.float32)
     tab = FakeTable(AUDIO_INFO, {"a": x, "b": np.repeat(x, 3, 0)})
     p = PackedSeqs.from_table(tab, ["a", "b"])
@@ -206,3 +204,49 @@ def test_training_on_variable_length_audio_uses_masked_mean(tmp_path):
     m = AlignedModel(AUDIO_INFO, AUDIO_INFO, hidden=8, out_dim=4)
     e = embed_packed(m.audio_adapter, p)
     torch.testing.assert_close(e[0], e[1])
+
+
+def test_streaming_from_tables_gives_the_preloaded_result(world, tmp_path, monkeypatch):
+    """Over the preload budget, batches are read from the tables per step: same numbers."""
+    from atae.train import TableSeqs
+
+    ds, atab, ttab, _ = world
+    kw = dict(seed=2, max_epochs=2, **SMALL)
+    ram = run_recipe("atae", ds["train"], ds["val"], None, atab, ttab, tmp_path / "ram", **kw).model
+    monkeypatch.setenv("ATAE_TRAIN_PRELOAD_GB", "0")
+    data = TrainData.build([(ds["train"], atab, ttab)])
+    assert isinstance(data.audio, TableSeqs) and isinstance(data.text, TableSeqs)
+    rows, seg, n, counts = data.text.gather(torch.tensor([3, 1]))
+    want = np.concatenate([ttab.get(data.text.items[i][1]) for i in (3, 1)])
+    np.testing.assert_array_equal(rows.numpy(), want)
+    streamed = run_recipe("atae", ds["train"], ds["val"], None, atab, ttab, tmp_path / "stream", **kw).model
+    for (k, v), (_, w) in zip(ram.state_dict().items(), streamed.state_dict().items(), strict=True):
+        assert torch.equal(v, w), k
+
+
+def test_one_step_is_an_adam_step_with_the_seed_settings(world, tmp_path):
+    """Adam's first update with bias correction is lr * g / (|g| + eps): every weight with a gradient
+    moves by lr (1e-3) exactly, against its gradient."""
+    import copy
+
+    from atae.losses import SeedContrastiveLoss
+    from atae.train import TrainConfig, ValData, train_stage
+
+    ds, atab, ttab, _ = world
+    data = TrainData.build([(FakeDataset("d", ds["train"].clips[:5]), atab, ttab)])
+    val = ValData.build(ds["val"], atab, ttab)
+    torch.manual_seed(0)
+    model = AlignedModel(AUDIO_INFO, TEXT_INFO, hidden=16, out_dim=8)
+    before = copy.deepcopy(model.state_dict())
+    # the gradient of that single full batch, computed here through the padded (non-packed) path
+    za, ma = atab.batch([ds["train"].clips[i // 3].key for i in range(15)])
+    zt, mt = ttab.batch([f"{ds['train'].clips[i // 3].key}#{i % 3}" for i in range(15)])
+    g_model = copy.deepcopy(model)
+    SeedContrastiveLoss()(g_model.embed_audio(za, ma), g_model.embed_text(zt, mt),
+                          torch.arange(15) // 3).backward()
+    cfg = TrainConfig(batch_size=15, max_epochs=1, seed=0)
+    train_stage(model, SeedContrastiveLoss(), data, val, cfg, tmp_path / "s")
+    for (name, p), g in zip(model.named_parameters(), g_model.parameters(), strict=True):
+        delta = p.detach() - before[name]
+        has = g.grad.abs() > 1e-4  # eps (1e-8) is negligible against these
+        torch.testing.assert_close(delta[has], -1e-3 * torch.sign(g.grad[has]), rtol=1e-3, atol=1e-6)

@@ -240,3 +240,55 @@ def test_cli_path_and_verify(home, monkeypatch, tmp_path):
     r = CliRunner().invoke(group, ["list"])
     assert r.exit_code == 0 and "cnn14" in r.output and "zenodo" in r.output
     assert os.environ["ATAE_HOME"] == str(home)
+
+
+def _rewrite_pickle(src: bytes, old: bytes, new: bytes) -> bytes:
+    """Re-pack a torch zip checkpoint with its pickle's module names replaced."""
+    import io
+    import zipfile
+
+    zin = zipfile.ZipFile(io.BytesIO(src))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                data = data.replace(old, new)
+            zout.writestr(info.filename, data)
+    return out.getvalue()
+
+
+def test_load_checkpoint_numpy1_pickles_and_safetensors(tmp_path):
+    import io
+
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    buf = io.BytesIO()
+    torch.save({"model": {"w": torch.ones(2)}, "sampler": {"idx": [np.arange(3)], "q": [np.int64(4)]}}, buf)
+    # checkpoints written under numpy 1.x name numpy.core.*; the allowlist must accept both spellings
+    p = tmp_path / "np1.pth"
+    p.write_bytes(_rewrite_pickle(buf.getvalue(), b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    obj = W.load_checkpoint(p, what="test")
+    assert obj["sampler"]["idx"][0].tolist() == [0, 1, 2] and int(obj["sampler"]["q"][0]) == 4
+    q = tmp_path / "w.safetensors"
+    save_file({"w": torch.arange(3.0)}, str(q))
+    assert W.load_checkpoint(q, what="test")["w"].tolist() == [0.0, 1.0, 2.0]
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 10)
+    with pytest.raises(WeightsError, match="safetensors"):
+        W.load_checkpoint(bad, what="test")
+
+
+def test_load_checkpoint_refuses_code(tmp_path):
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({"model": {"w": torch.ones(2)}, "x": os.getcwd}, buf)  # a callable global: not data
+    p = tmp_path / "code.pth"
+    p.write_bytes(buf.getvalue())
+    with pytest.raises(WeightsError, match="getcwd"):
+        W.load_checkpoint(p, what="test")

@@ -15,11 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-EXAMPLE_QUERIES = (
-    "a siren wails as an emergency vehicle passes",
-    "rain falling steadily",
-    "a clock ticking",
-)
+from atae.data.synthetic import EXAMPLE_QUERIES  # paraphrases, not the caption templates
 
 
 @dataclass
@@ -32,8 +28,8 @@ class DemoResult:
 
 
 def run_demo(out_dir: str | Path, *, seed: int = 0, audio_encoder: str = "aisfx",
-             text_encoder: str = "minilm",
-             max_epochs: int = 100, progress: bool = True, log=print) -> DemoResult:
+             text_encoder: str = "minilm", max_epochs: int = 100, clips_per_concept: int = 12,
+             progress: bool = True, log=print) -> DemoResult:
     from atae.data import read_caption_csv
     from atae.data.synthetic import concept_of, make_demo_corpus
     from atae.evaluate import evaluate_dataset, score_matrix
@@ -48,7 +44,7 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, audio_encoder: str = "aisfx"
     np.random.seed(seed)
 
     log(f"[1/5] synthesising the demo corpus (seed {seed}) in {out / 'corpus'}")
-    corpus = make_demo_corpus(out / "corpus", seed=seed)
+    corpus = make_demo_corpus(out / "corpus", seed=seed, clips_per_concept=clips_per_concept)
     splits = {name: read_caption_csv(corpus[name], corpus["audio_dir"]) for name in ("train", "val", "test")}
     for name, ds in splits.items():
         log(f"      {name}: {len(ds.clips)} clips, {sum(len(c.captions) for c in ds.clips)} captions")

@@ -190,12 +190,17 @@ class PackedSeqs:
 
     @classmethod
     def from_table(cls, table, keys: Sequence[str]) -> PackedSeqs:
-        arrs = [np.asarray(table.get(k), dtype=np.float32) for k in keys]
+        return cls.from_items([(table, k) for k in keys], dim=getattr(getattr(table, "info", None), "dim", 0))
+
+    @classmethod
+    def from_items(cls, items: Sequence[tuple[object, str]], dim: int = 0) -> PackedSeqs:
+        """Copy the rows of (table, key) items into one float32 block (allocated once)."""
+        arrs = [t.get(k) for t, k in items]
         lengths = np.array([a.shape[0] for a in arrs], dtype=np.int64)
         if len(arrs) and (lengths == 0).any():
-            bad = keys[int(np.flatnonzero(lengths == 0)[0])]
+            bad = items[int(np.flatnonzero(lengths == 0)[0])][1]
             raise DataError(f"cached sequence {bad!r} is empty", fix="re-extract the features")
-        dim = arrs[0].shape[1] if arrs else int(getattr(getattr(table, "info", None), "dim", 0))
+        dim = arrs[0].shape[1] if arrs else int(dim)
         data = np.empty((int(lengths.sum()), dim), dtype=np.float32)
         pos = 0
         for a in arrs:
@@ -231,6 +236,46 @@ class PackedSeqs:
         return self.data[rows], seg, n, counts
 
 
+class TableSeqs:
+    """Same interface as PackedSeqs, reading each batch's rows from the (memory-mapped) tables instead
+    of RAM: used when a training set's features would not fit the preload budget (e.g. the full FSD50K
+    noisy set with a 768-d text tower is over 10 GB). Same numbers, a little slower per step."""
+
+    def __init__(self, items: Sequence[tuple[object, str]]):
+        self.items = list(items)  # (table, key)
+        lengths = [len(t.get(k)) for t, k in self.items]
+        if any(n == 0 for n in lengths):
+            t, k = self.items[lengths.index(0)]
+            raise DataError(f"cached sequence {k!r} is empty", fix="re-extract the features")
+        self.offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+        arrs = [np.asarray(self.items[i][0].get(self.items[i][1]), dtype=np.float32) for i in idx.tolist()]
+        counts = torch.tensor([a.shape[0] for a in arrs], dtype=torch.int64)
+        n = len(arrs)
+        seg = torch.repeat_interleave(torch.arange(n), counts)
+        return torch.from_numpy(np.concatenate(arrs)), seg, n, counts
+
+
+def preload_budget() -> int:
+    """Bytes of training features loaded into RAM at most (env ATAE_TRAIN_PRELOAD_GB, default 4)."""
+    return int(float(os.environ.get("ATAE_TRAIN_PRELOAD_GB", "4")) * 2 ** 30)
+
+
+def _seqs(items: Sequence[tuple[object, str]], budget: int):
+    """PackedSeqs (all rows in RAM) when they fit ``budget`` bytes, else TableSeqs (read per batch)."""
+    nbytes = 0
+    for t, k in items:
+        a = t.get(k)
+        nbytes += a.shape[0] * a.shape[1] * 4
+        if nbytes > budget:
+            return TableSeqs(items)
+    return PackedSeqs.from_items(items)
+
+
 def embed_packed(adapter, packed: PackedSeqs, *, batch: int = 2048, normalize: bool = True) -> torch.Tensor:
     """All items of a PackedSeqs through an adapter, in chunks, without gradients."""
     outs = []
@@ -246,8 +291,8 @@ def embed_packed(adapter, packed: PackedSeqs, *, batch: int = 2048, normalize: b
 class TrainData:
     """One stage's training set as tensors: packed audio and text features and the pair index."""
 
-    audio: PackedSeqs
-    text: PackedSeqs
+    audio: PackedSeqs | TableSeqs
+    text: PackedSeqs | TableSeqs
     a_idx: torch.Tensor  # (P,) item in ``audio`` of pair p
     t_idx: torch.Tensor  # (P,) item in ``text``
     labels: torch.Tensor  # (P,) clip label (distinct across sources)
@@ -257,7 +302,7 @@ class TrainData:
     @classmethod
     def build(cls, sources: Sequence[tuple[object, object, object]]) -> TrainData:
         """``sources``: (CaptionDataset, audio_table, text_table) triples, e.g. clean and noisy."""
-        audio_parts, text_parts, a_idx, t_idx, labels, skipped = [], [], [], [], [], []
+        audio_items, text_items, a_idx, t_idx, labels, skipped = [], [], [], [], [], []
         h = hashlib.sha256()
         n_audio = n_text = label_base = 0
         for dataset, atab, ttab in sources:
@@ -266,8 +311,8 @@ class TrainData:
             akeys = list(dict.fromkeys(a for a, _, _ in ps.pairs))
             apos = {k: i for i, k in enumerate(akeys)}
             tkeys = [t for _, t, _ in ps.pairs]
-            audio_parts.append(PackedSeqs.from_table(atab, akeys))
-            text_parts.append(PackedSeqs.from_table(ttab, tkeys))
+            audio_items += [(atab, k) for k in akeys]
+            text_items += [(ttab, k) for k in tkeys]
             for j, (a, t, lab) in enumerate(ps.pairs):
                 a_idx.append(n_audio + apos[a])
                 t_idx.append(n_text + j)
@@ -280,7 +325,10 @@ class TrainData:
         if not a_idx:
             raise DataError("no training pairs: every clip or caption lacks cached features",
                             fix="check the extraction report (unreadable audio, empty captions)")
-        return cls(PackedSeqs.concat(audio_parts), PackedSeqs.concat(text_parts),
+        budget = preload_budget()
+        audio = _seqs(audio_items, budget)
+        text = _seqs(text_items, budget - (audio.data.numel() * 4 if isinstance(audio, PackedSeqs) else 0))
+        return cls(audio, text,
                    torch.tensor(a_idx), torch.tensor(t_idx), torch.tensor(labels), h.hexdigest(), skipped)
 
     def __len__(self) -> int:

@@ -286,7 +286,7 @@ class EfficientATTower(AudioTower):
             from atae.weights import weights_id
 
             sha = weights_id(self.weights_path) if self.weights_path is not None else None
-            opts = {"output": self.embedding, "window_s": self.window_s, "hop_s": self.hop_s}
+            opts = {"embedding": self.embedding, "window_s": self.window_s, "hop_s": self.hop_s}
             self._info = TowerInfo(self.name, "audio", self.dim, sha, self.sample_rate, opts)
         return self._info
 
