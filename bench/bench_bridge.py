@@ -247,9 +247,29 @@ def esc_hybrid(shared: Path, cache: Path, chosen: dict, recipe: str = "atae", ma
     a4, b4, rel4 = out["f4"]
     res = {"recipe": recipe, "train": "folds 1-2", "early_stopping_and_weight_tuning": "fold 3",
            "hybrid_weight": weight, "train_s": train_s,
-           "weight_curve_fold3": br.hybrid_weight_curve(a3, b3, rel3)}
+           "weight_curve_fold3": br.hybrid_weight_curve(a3, b3, rel3),
+           # shown, never used to choose: how the hybrid would fare on fold 4 at every weight
+           "weight_curve_fold4_diagnostic": br.hybrid_weight_curve(a4, b4, rel4)}
     for name, s in (("adapter", a4), ("bridge", b4), ("hybrid", br.hybrid_scores(a4, b4, weight))):
         res[name] = metrics_table(per_query_multi(s, rel4, k=10))
+    # out of domain: the same ESC-trained adapters on the AudioCaps captions (DCASE 2022 metrics)
+    from atae.metrics import per_query_dcase2022, ranks_single
+
+    ac = read_caption_csv(shared / "data/audiocaps/captioned_val/captions.csv",
+                          shared / "data/audiocaps/captioned_val/audio")
+    atab, _, _ = ensure_dataset_features(ac, audio_tower, text_tower, feats, progress=False)
+    keys = ac.keys()
+    pairs = ac.captions()
+    texts, rel = [c for c, _ in pairs], [keys.index(k) for _, k in pairs]
+    a = scores_for("adapter", candidates=keys, texts=texts, audio_table=atab, model=model,
+                   text_tower=text_tower)
+    bridge = br.TagBridge(text_tower, temperature=chosen["temperature"],
+                          label_texts=br.label_texts(chosen["label_template"]))
+    b = bridge.scores(texts, bridge.clip_tags([atab.tags(k) for k in keys]))
+    res["audiocaps_cross_domain"] = {
+        name: metrics_table(per_query_dcase2022(ranks_single(s, rel)))
+        for name, s in (("adapter", a), ("bridge", b), ("hybrid", br.hybrid_scores(a, b, weight)))}
+    res["audiocaps_cross_domain"]["weight_curve_diagnostic"] = br.hybrid_weight_curve(a, b, rel)
     return res
 
 

@@ -146,6 +146,10 @@ def esc50_probe(root: Path) -> dict:
             "fold4_44k": run(sorted((esc / "audio_44k").glob("4-*")))}
 
 
+def by_name(results: dict, name: str) -> float:
+    return next(r["x_realtime"] for r in results["towers"] if r["tower"] == name)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -189,6 +193,13 @@ def main() -> int:
         results["towers"].append(r)
         print(f"{name:18s} {r['x_realtime']:7.1f}x real time  ({r['weights']} weights); Clotho 45 h -> "
               f"{r['clotho_projection_h']:.2f} h")
+    if args.threads > 1:  # does intra-op threading pay, or would one process per core do better?
+        torch.set_num_threads(1)
+        one = tower_throughput("cnn14", cnn, args.reps)["x_realtime"]
+        torch.set_num_threads(args.threads)
+        results["cnn14_x_realtime_1_thread"] = one
+        print(f"cnn14 at 1 thread: {one:.1f}x real time ({by_name(results, 'cnn14') / one:.2f}x gain from "
+              f"{args.threads} threads)")
     ref = cnn14_reference(args.reps, args.variants)
     results["cnn14_reference"] = ref
     print(f"cnn14 atae vs simple (batch 1, fp32, autograd on): {ref['speedup_vs_simple']:.2f}x; "

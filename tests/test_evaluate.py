@@ -260,19 +260,13 @@ def _tagged_table(atab, seed=0):
     return Tagged(atab.info, {k: atab.get(k) for k in atab.keys}), tags
 
 
-def _bridge_by_hand(tower, texts, tags_per_clip, temperature):
-    from atae.bridge import audioset_labels
+def _bridge_reference(tower, texts, tags_per_clip, temperature):
+    """The bridge's own formula (atae.bridge, another module) on clip tags pooled here by hand: checks that
+    the scorer plumbing feeds it the right clips, tags, texts and temperature."""
+    from atae.bridge import TagBridge
 
-    def sent(ts):
-        v = np.stack([s.astype(np.float64).mean(0) for s in tower.encode(ts)])
-        return v / np.linalg.norm(v, axis=1, keepdims=True)
-
-    cos = sent(texts) @ sent(audioset_labels()).T
-    z = cos / temperature
-    p = np.exp(z - z.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    clip = np.stack([t.mean(0) for t in tags_per_clip])
-    return p @ clip.T
+    clip = np.stack([t.astype(np.float64).mean(0) for t in tags_per_clip]).astype(np.float32)
+    return TagBridge(tower, temperature=temperature).scores(texts, clip)
 
 
 def test_bridge_and_hybrid_scorers_by_hand(world_model):
@@ -285,8 +279,8 @@ def test_bridge_and_hybrid_scorers_by_hand(world_model):
     tower = _HashTextTower()
     got = scores_for("bridge", candidates=cands, texts=texts, audio_table=tab, text_tower=tower,
                      audio_tower=_TagTower(AUDIO_INFO), temperature=0.1)
-    want = _bridge_by_hand(tower, texts, [tags[k] for k in cands], 0.1)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    want = _bridge_reference(tower, texts, [tags[k] for k in cands], 0.1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     # hybrid: weight * zscore(adapter) + (1 - weight) * zscore(bridge), weight from the model's extras
     model.extras["hybrid_weight"] = 0.3
     try:
@@ -366,3 +360,46 @@ def test_cli_bridge_scorer_without_a_model(shared, tmp_path):
     r = CliRunner().invoke(main, base[:2] + ["hybrid"] + base[3:] + ["--csv", str(tmp_path / "c.csv"),
                                                                     "--json", str(tmp_path / "c.json")])
     assert r.exit_code == 2 and "needs a trained model" in r.output
+
+
+@pytest.mark.slow
+def test_cli_np_f_with_self_tagged_noisy_folder(shared, tmp_path):
+    """`atae train --recipe atae-np-f --noisy-audio DIR` (no JSON): pseudo-captions from the tower's tags.
+    The noisy clips are the training clips themselves, so their text keys collide with the captions':
+    the pseudo-captions must not reuse the captions' cached features."""
+    from click.testing import CliRunner
+
+    from atae.cli import main
+    from atae.features import FeatureStore
+    from atae.towers.registry import get_text_tower
+
+    weights = shared / "data" / "weights" / "efficientat_mn04" / "mn04_as_mAP_432.pt"
+    audio = shared / "data" / "esc50" / "audio_16k"
+    rows = list(csv.DictReader((shared / "data" / "esc50" / "meta" / "esc50.csv").open(encoding="utf-8")))
+    classes = {"siren": "a siren wails", "rooster": "a rooster crows", "dog": "a dog barks"}
+    noisy = tmp_path / "noisy"
+    noisy.mkdir()
+    for split, fold in (("train", "1"), ("val", "4")):
+        with open(tmp_path / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["file_name", "caption_1"])
+            for c, cap in classes.items():
+                for r in [r for r in rows if r["category"] == c and r["fold"] == fold][:2]:
+                    fn = r["filename"].replace(".wav", ".ogg")
+                    w.writerow([fn, cap])
+                    if split == "train":
+                        (noisy / fn).symlink_to(audio / fn)
+    run = tmp_path / "run"
+    r = CliRunner().invoke(main, [
+        "train", "--recipe", "atae-np-f", "--noisy-audio", str(noisy), "--train-csv", str(tmp_path / "train.csv"),
+        "--train-audio", str(audio), "--val-csv", str(tmp_path / "val.csv"), "--val-audio", str(audio),
+        "--out", str(run), "--max-epochs", "1", "--audio-encoder", "efficientat-mn04", "--audio-weights",
+        str(weights), "--text-encoder", "minilm", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((run / "config.json").read_text())["training"]["stages"]
+    assert [s["name"] for s in summary] == ["pretrain", "finetune"] and summary[0]["pairs"] == 6
+    info = get_text_tower("minilm").info
+    key = f"{sorted(p.name for p in noisy.iterdir())[0]}#0"
+    caption = FeatureStore(run / "features").text_table(info, create=False).get(key)
+    pseudo = FeatureStore(run / "features" / "selftag").text_table(info, create=False).get(key)
+    assert caption.shape != pseudo.shape or not np.array_equal(caption, pseudo)

@@ -179,3 +179,11 @@ def test_dataset_mode(tmp_path, sounds, run_dir):
     assert [r["file_name"] for r in rows][0] == "clip_mid.wav" and len(rows) == 3
     code, out = _cli("search", run_dir, "--csv", c, "--audio-dir", audio)
     assert code == 2
+
+
+def test_serve_refuses_missing_library(tmp_path):
+    r = CliRunner().invoke(main, ["serve", "--db", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    (tmp_path / "empty").mkdir()
+    r = CliRunner().invoke(main, ["serve", "--db", str(tmp_path / "empty")])
+    assert r.exit_code == 2 and "atae index" in r.output

@@ -119,6 +119,7 @@ def test_search_results_keyboard_and_play(server, tmp_path):
                 " return a && !a.paused && a.currentTime >= 35; }",
                 timeout=15000,
             )
+            page.screenshot(path=str(tmp_path / "long-match.png"))
 
             # a bad query shows the server's message, not a blank page
             page.fill("#q", "   ")
@@ -133,6 +134,24 @@ def test_search_results_keyboard_and_play(server, tmp_path):
                 " && document.querySelectorAll('li.result').length > 0"
             )
             assert page.inner_text("li.result .path").endswith("low.wav")
+
+            # a real drop event carrying a file (the bytes of the indexed high tone, fetched by id)
+            page.evaluate(
+                """async () => {
+                  const hit = (await (await fetch('/api/search?q=high&k=1')).json()).results[0];
+                  const blob = await (await fetch(`/api/audio/${hit.file_id}`)).blob();
+                  const dt = new DataTransfer();
+                  dt.items.add(new File([blob], 'dropped.wav', {type: 'audio/wav'}));
+                  window.dispatchEvent(new DragEvent('dragenter', {dataTransfer: dt}));
+                  window.dispatchEvent(new DragEvent('drop', {dataTransfer: dt}));
+                }"""
+            )
+            page.wait_for_function(
+                "document.querySelector('#status').textContent.includes('dropped.wav')"
+                " && !document.querySelector('#status').textContent.includes('searching')"
+            )
+            assert page.locator("#drop").is_hidden()
+            assert page.inner_text("li.result .path").endswith("high.wav")
             assert errors == []
         finally:
             browser.close()

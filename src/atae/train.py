@@ -725,12 +725,20 @@ def train_from_files(recipe: str | Path, *, train_csv, train_audio, val_csv, val
     if rec.needs_noisy:
         if noisy_json is not None:
             noisy = read_fsd50k_noisy(noisy_json, noisy_audio)
+            for p in noisy.problems[:20]:
+                echo(f"warning: {p}")
+            atab, ttab, report = ensure_dataset_features(noisy, audio_tower, text_tower, feats,
+                                                         progress=progress)
+            echo(f"features {noisy.name}: {report.summary()}")
         else:
             noisy = _self_tagged(noisy_audio, audio_tower, text_tower, feats, progress, echo)
-        for p in noisy.problems[:20]:
-            echo(f"warning: {p}")
-        atab, ttab, report = ensure_dataset_features(noisy, audio_tower, text_tower, feats, progress=progress)
-        echo(f"features {noisy.name}: {report.summary()}")
+            for p in noisy[0].problems[:20]:
+                echo(f"warning: {p}")
+            from atae.features import FeatureStore
+
+            # the clean sets' tables, re-opened so they include everything extracted so far
+            store = FeatureStore(feats)
+            atab, ttab = store.audio_table(audio_tower.info), store.text_table(text_tower.info)
     elif noisy_audio is not None:
         echo(f"note: recipe {rec.name!r} has no noisy stage; --noisy-* ignored")
     result = run_recipe(rec, clean, val, noisy, atab, ttab, out, restart=restart, progress=progress)
@@ -743,9 +751,13 @@ def train_from_files(recipe: str | Path, *, train_csv, train_audio, val_csv, val
 
 def _self_tagged(noisy_audio, audio_tower, text_tower, feats, progress, echo):
     """Noisy pairs from an uncaptioned folder: extract its audio once, then caption each clip with its
-    top AudioSet tags read from the cached features (the tower does not run twice)."""
+    top AudioSet tags read from the cached features (the tower does not run twice).
+
+    Returns a (dataset, audio_table, text_table) source whose pseudo-caption features live in their own
+    store (``feats/selftag``): the clips may also be in a captioned dataset under the same keys, and the
+    text key ``clip#0`` would otherwise name that dataset's first caption."""
     from atae.evaluate import folder_dataset
-    from atae.features import ensure_dataset_features
+    from atae.features import FeatureStore, ensure_dataset_features, extract_text
     from atae.selftag import self_tagged_dataset
 
     root = Path(noisy_audio)
@@ -757,4 +769,9 @@ def _self_tagged(noisy_audio, audio_tower, text_tower, feats, progress, echo):
         key = path.relative_to(root).as_posix()
         return atab.tags(key) if key in atab else None
 
-    return self_tagged_dataset(root, audio_tower, progress=progress, tags_for=tags_for)
+    ds = self_tagged_dataset(root, audio_tower, progress=progress, tags_for=tags_for)
+    ttab = FeatureStore(Path(feats) / "selftag").text_table(text_tower.info)
+    items = [(f"{c.key}#{i}", cap) for c in ds.clips for i, cap in enumerate(c.captions)]
+    rep = extract_text(ttab, text_tower, items, progress=progress)
+    echo(f"features {ds.name} (pseudo-captions): {rep.summary()}")
+    return ds, atab, ttab

@@ -11,6 +11,7 @@ Example (the same as ``atae index`` / ``atae search``)::
         print(r.rank, f"{r.score:.3f}", r.path, f"{r.start_s:.1f}-{r.end_s:.1f} s")
     for r in lib.search(audio="query.wav", k=5):           # query by example (works without a model too)
         print(r.rank, r.path)
+    lib.search("a dog barks", scorer="bridge")             # zero-shot, for towers with an AudioSet head
     lib.close()
 
 Layout on disk, windowing and incremental rules: ``api.py``, ``indexer.py``, ``db.py``, ``vectors.py``.

@@ -126,10 +126,13 @@ class LibraryDB:
             self.conn = sqlite3.connect(
                 str(self.path), timeout=60.0, isolation_level=None, check_same_thread=False
             )
+            if create:  # only takes effect on a new, empty file: 16 KiB pages hold several 2 KB vectors
+                self.conn.execute("PRAGMA page_size=16384")
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")  # WAL+NORMAL: durable across process crashes
             self.conn.execute("PRAGMA foreign_keys=ON")
-            self.conn.executescript(_SCHEMA) if create else None
+            if create:
+                self.conn.executescript(_SCHEMA)
             version = self.get_meta("schema_version")
         except sqlite3.DatabaseError as exc:
             raise LibraryError(

@@ -202,7 +202,9 @@ class FastCnn14(nn.Module):
     """Inference-only CNN14 with the same numbers (within float32 rounding), for extraction speed.
 
     Differences from ``Cnn14.forward``, none of which changes the function: BatchNorm of every conv
-    block folded into the conv weights and a bias, and in-place ReLU. The front end stays the official
+    block folded into the conv weights and a bias; in-place ReLU; block 6 (2048 channels on a 2-bin,
+    T/32-frame map, 17 % of the FLOPs but half the time in oneDNN's direct convolution) computed as
+    unfold + one matrix product, about 12 % faster overall on this CPU. The front end stays the official
     DFT convolution: ``torch.stft`` would save ~3 % of the time but moves quiet log-mel bins by up to
     0.07 dB and the embedding of the golden chirp by 7e-5 (a third of the fixture's tolerance)."""
 
@@ -214,6 +216,8 @@ class FastCnn14(nn.Module):
             b = getattr(net, f"conv_block{k}")
             for j, (conv, bn) in enumerate(((b.conv1, b.bn1), (b.conv2, b.bn2)), start=1):
                 w, bias = self._fold(conv, bn)
+                if k == 6:  # (O, I*3*3) for the unfold + matmul path
+                    w = w.reshape(w.shape[0], -1).contiguous()
                 self.register_buffer(f"w{k}_{j}", w)
                 self.register_buffer(f"b{k}_{j}", bias)
         self.fc1, self.fc_audioset = net.fc1, net.fc_audioset
@@ -227,11 +231,15 @@ class FastCnn14(nn.Module):
     def forward(self, wave: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.logmel_extractor(self.spectrogram_extractor(wave))  # (B, 1, T, 64)
         x = self.bn0(x.transpose(1, 3)).transpose(1, 3)
-        for k in range(1, 7):
+        for k in range(1, 6):
             x = F.relu_(F.conv2d(x, getattr(self, f"w{k}_1"), getattr(self, f"b{k}_1"), padding=1))
             x = F.relu_(F.conv2d(x, getattr(self, f"w{k}_2"), getattr(self, f"b{k}_2"), padding=1))
-            if k < 6:
-                x = F.avg_pool2d(x, 2)
+            x = F.avg_pool2d(x, 2)
+        for j in (1, 2):  # block 6: 3x3 conv as unfold + GEMM, no pooling
+            b, _, h, w = x.shape
+            cols = F.unfold(x, 3, padding=1)  # (B, C*9, H*W)
+            y = torch.matmul(getattr(self, f"w6_{j}"), cols) + getattr(self, f"b6_{j}")[:, None]
+            x = F.relu_(y.view(b, -1, h, w))
         x = x.mean(dim=3)
         x = x.amax(dim=2) + x.mean(dim=2)
         emb = F.relu(self.fc1(x))
