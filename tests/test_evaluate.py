@@ -391,8 +391,9 @@ def test_cli_np_f_with_self_tagged_noisy_folder(shared, tmp_path):
                         (noisy / fn).symlink_to(audio / fn)
     run = tmp_path / "run"
     r = CliRunner().invoke(main, [
-        "train", "--recipe", "atae-np-f", "--noisy-audio", str(noisy), "--train-csv", str(tmp_path / "train.csv"),
-        "--train-audio", str(audio), "--val-csv", str(tmp_path / "val.csv"), "--val-audio", str(audio),
+        "train", "--recipe", "atae-np-f", "--noisy-audio", str(noisy),
+        "--train-csv", str(tmp_path / "train.csv"), "--train-audio", str(audio),
+        "--val-csv", str(tmp_path / "val.csv"), "--val-audio", str(audio),
         "--out", str(run), "--max-epochs", "1", "--audio-encoder", "efficientat-mn04", "--audio-weights",
         str(weights), "--text-encoder", "minilm", "--no-progress"])
     assert r.exit_code == 0, r.output

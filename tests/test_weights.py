@@ -292,3 +292,36 @@ def test_load_checkpoint_refuses_code(tmp_path):
     p.write_bytes(buf.getvalue())
     with pytest.raises(WeightsError, match="getcwd"):
         W.load_checkpoint(p, what="test")
+
+
+def test_load_checkpoint_legacy_format(tmp_path):
+    """Pre-1.6 PyTorch files (not zip) go through the same restricted unpickler."""
+    import numpy as np
+    import torch
+
+    p = tmp_path / "legacy.pth"
+    torch.save({"iteration": 1, "model": {"w": torch.ones(2)}, "sampler": {"idx": [np.arange(3)]}}, p,
+               _use_new_zipfile_serialization=False)
+    assert W.load_checkpoint(p, what="test")["model"]["w"].tolist() == [1.0, 1.0]
+    t = tmp_path / "legacy_truncated.pth"
+    t.write_bytes(p.read_bytes()[:200])
+    with pytest.raises(WeightsError, match="truncated"):
+        W.load_checkpoint(t, what="test")
+    e = tmp_path / "legacy_code.pth"
+    torch.save({"model": {"w": torch.ones(2)}, "x": os.getcwd}, e, _use_new_zipfile_serialization=False)
+    with pytest.raises(WeightsError, match="getcwd"):
+        W.load_checkpoint(e, what="test")
+
+
+def test_fetch_directory_spec_with_alternatives_and_optional(home, server, monkeypatch):
+    spec = dataclasses.replace(W.WEIGHTS["distilroberta-base"], files=("nope.bin|w.bin",),
+                               optional_files=("missing.txt",), base_url=server + "/")
+    monkeypatch.setitem(W.WEIGHTS, "distilroberta-base", spec)
+    out = W.fetch("distilroberta-base", progress=False)
+    assert out == home / "weights" / "distilroberta-base"
+    assert sorted(p.name for p in out.iterdir()) == ["w.bin"]  # 404s: first alternative, optional file
+    assert (out / "w.bin").read_bytes() == PAYLOAD
+    assert W.resolve("distilroberta-base") == out
+    monkeypatch.setitem(W.WEIGHTS, "distilroberta-base", dataclasses.replace(spec, files=("nope.bin",)))
+    with pytest.raises(WeightsError, match="404"):
+        W.fetch("distilroberta-base", progress=False)

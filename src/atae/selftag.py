@@ -61,8 +61,8 @@ def self_tagged_dataset(audio_dir: str | Path, tower, *, top_k: int = DEFAULT_TO
                         tags_for: Callable[[Path], np.ndarray | None] | None = None):
     """A ``CaptionDataset`` of noisy pairs (one self-tagged text per clip) from every audio file under
     ``audio_dir`` (recursive; keys are POSIX paths relative to it). Unreadable files are skipped and
-    listed in ``problems`` (one message per file, naming it). ``tags_for(path)`` may supply cached (T, 527) tags instead
-    of running the tower."""
+    listed in ``problems`` (one message per file, naming it). ``tags_for(path)`` may supply cached
+    (T, 527) tags instead of running the tower."""
     from atae.audio import load_audio
     from atae.data import CaptionDataset
 

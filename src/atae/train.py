@@ -276,7 +276,8 @@ def _seqs(items: Sequence[tuple[object, str]], budget: int):
     return PackedSeqs.from_items(items)
 
 
-def embed_packed(adapter, packed: PackedSeqs, *, batch: int = 2048, normalize: bool = True) -> torch.Tensor:
+def embed_packed(adapter, packed: PackedSeqs | TableSeqs, *, batch: int = 2048,
+                 normalize: bool = True) -> torch.Tensor:
     """All items of a PackedSeqs through an adapter, in chunks, without gradients."""
     outs = []
     with torch.no_grad():

@@ -474,7 +474,7 @@ def load_checkpoint(path: str | Path, *, what: str, fix: str | None = None):
     import torch
 
     p = Path(path)
-    fix = fix or "pass the right file, or run `atae weights fetch NAME` to get a fresh copy"
+    fix = fix or "pass the right file, or fetch a fresh copy with `atae weights fetch`"
     if not p.is_file():
         raise WeightsError(f"{what} weights file not found", path=p, fix=fix)
     if p.suffix == ".safetensors":
@@ -489,12 +489,27 @@ def load_checkpoint(path: str | Path, *, what: str, fix: str | None = None):
         with torch.serialization.safe_globals(_numpy_allowlist()):
             return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        extra = ""
-        try:
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(p)
-            if unsafe:
-                extra = f"; it pickles objects atae does not load blindly: {', '.join(unsafe[:8])}"
+        raise WeightsError(f"cannot load {what} weights safely: {_explain_load_error(p, e)}", path=p,
+                           fix=fix) from e
+
+
+def _explain_load_error(path: Path, e: Exception) -> str:
+    """One line on why ``torch.load(weights_only=True)`` refused a file: foreign objects, or damage."""
+    import re
+
+    import torch
+
+    msg = str(e)
+    found = re.findall(r"GLOBAL ([\w.]+)", msg)
+    if found:
+        try:  # zip checkpoints can list every global they need
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(path) or found
         except Exception:
-            extra = "; the file is not a complete PyTorch checkpoint (truncated or not a checkpoint?)"
-        raise WeightsError(f"cannot load {what} weights safely ({first}){extra}", path=p, fix=fix) from e
+            pass
+        return (f"it pickles objects atae does not unpickle blindly ({', '.join(found[:8])}); a "
+                "weights file should hold tensors (and plain data) only")
+    damaged = ("central directory", "zip archive", "unpack requires", "Ran out of input", "EOF",
+               "invalid load key", "truncated")
+    if isinstance(e, EOFError) or any(d in msg for d in damaged):
+        return f"the file is truncated or is not a PyTorch checkpoint ({msg.strip().splitlines()[0][:120]})"
+    return msg.strip().splitlines()[0][:300] if msg.strip() else type(e).__name__
