@@ -109,7 +109,7 @@ def test_missing_library_and_bad_example(tmp_path, sounds):
     assert code == 2 and "atae index" in out
     lib = tmp_path / "lib"
     assert _cli("index", sounds, "--db", lib, "--audio-encoder", "bands")[0] == 0
-    code, out = _cli("search", "--db", lib, "a dog")
+    code, out = _cli("search", "--db", lib, "a dog", "--scorer", "adapter")
     assert code == 2 and "atae train" in out
     bad = tmp_path / "bad.wav"
     bad.write_text("not audio")

@@ -26,6 +26,17 @@ Why this shape:
   and in ``failed.json`` (so later runs keep reporting it), and retried on the next run.
 * **One writer per folder.** Extraction holds an ``fcntl`` lock on ``.lock``; a second concurrent
   writer gets a clear error (the OS drops the lock if the process dies).
+* **Rows know what they were computed from.** Each index lists, per key, an ``ident``: ``"sha1:<hex>"``
+  of the caption's UTF-8 text, or ``{"path", "size", "mtime_ns"}`` of the audio file (a ``stat``, no
+  hashing). Extraction re-encodes a cached key whose text or file changed instead of silently reusing
+  the old numbers (two datasets sharing clip keys, regenerated captions, a rewritten file). Shards
+  written before format 2 carry no idents: their captions are re-encoded once (cheap); their audio is
+  trusted unless the file was modified after the shard was committed (re-encoding audio costs hours).
+* **Last committed shard wins.** A re-extracted key is appended to a newer shard; readers serve the
+  row of the highest-numbered committed shard that lists it, and an index's ``deleted`` list drops a
+  key (a changed item that now fails must not keep its stale row). Compaction copies only the winning
+  rows, so superseded ones disappear when their shard is merged (small shards, or any shard with more
+  dead rows than live ones).
 
 The manifest's ``counts`` are informational (updated after each run); the shard indexes are the truth.
 """
@@ -33,6 +44,7 @@ The manifest's ``counts`` are informational (updated after each run); the shard 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -50,7 +62,8 @@ import numpy as np
 from atae.errors import AtaeError, AudioError, DataError
 from atae.towers.base import AudioEncoding, AudioTower, TextTower, TowerInfo
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-key idents, ``deleted`` lists, last shard wins (1 is read and upgraded)
+_READABLE_FORMATS = (1, 2)
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.json$")
 _ANY_SHARD_RE = re.compile(r"^shard-(\d{5,})\.")
 COMPACT_TARGET_BYTES = 256 << 20  # merged shard size; small enough to copy quickly
@@ -103,6 +116,9 @@ class _Shard:
     times: np.ndarray | None
     tags: np.ndarray | None
     nbytes: int
+    idents: list  # per key: what the row was computed from (None: unknown, written before format 2)
+    deleted: list[str]  # keys this commit drops (their older rows stop being served)
+    created: float  # commit time (seconds since the epoch)
 
 
 class SequenceTable:
@@ -122,6 +138,7 @@ class SequenceTable:
         elif create:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._write_manifest(counts={"keys": 0, "rows": 0, "shards": 0, "failed": 0})
+            self._format = FORMAT_VERSION
         elif not self.folder.exists():
             raise DataError("no cached features for this tower", path=self.folder,
                             fix="run `atae extract` (or training, which extracts) first")
@@ -159,7 +176,8 @@ class SequenceTable:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"unreadable feature-store manifest ({e})", path=path,
                             fix="delete this folder; its features will be extracted again") from e
-        if m.get("format") != FORMAT_VERSION:
+        self._format = m.get("format")
+        if self._format not in _READABLE_FORMATS:
             raise DataError(f"feature-store format {m.get('format')} (this atae reads {FORMAT_VERSION})",
                             path=path, fix="delete this folder to re-extract with this version")
         want = self.info.to_dict()
@@ -176,6 +194,7 @@ class SequenceTable:
         """(Re)load the committed shard indexes and ``failed.json``."""
         self._shards: list[_Shard] = []
         self._where: dict[str, tuple[int, int, int]] = {}  # key -> (shard position, start, end)
+        self._ident: dict[str, object] = {}  # key -> ident of its served row
         self.problems = []
         self._damaged = []
         nums = sorted(int(m.group(1)) for p in self.folder.glob("shard-*.json")
@@ -184,11 +203,7 @@ class SequenceTable:
             shard = self._open_shard(num)
             if shard is None:
                 continue
-            pos = len(self._shards)
-            self._shards.append(shard)
-            for i, k in enumerate(shard.keys):
-                if k not in self._where:  # compaction may briefly leave duplicates: same numbers
-                    self._where[k] = (pos, int(shard.offsets[i]), int(shard.offsets[i + 1]))
+            self._add_shard(shard)
         self.failed: dict[str, str] = {}
         self._failed_paths: dict[str, str] = {}
         fpath = self.folder / "failed.json"
@@ -200,21 +215,38 @@ class SequenceTable:
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 self.problems.append(f"{fpath}: unreadable, ignored")
 
+    def _add_shard(self, shard: _Shard) -> None:
+        """Serve ``shard``'s keys: shards are added in commit order, so the last one listing a key wins."""
+        pos = len(self._shards)
+        self._shards.append(shard)
+        for k in shard.deleted:
+            self._where.pop(k, None)
+            self._ident.pop(k, None)
+        for i, k in enumerate(shard.keys):
+            self._where[k] = (pos, int(shard.offsets[i]), int(shard.offsets[i + 1]))
+            self._ident[k] = shard.idents[i]
+
     def _open_shard(self, num: int) -> _Shard | None:
         base = self.folder / f"shard-{num:05d}"
         try:
             idx = json.loads(base.with_suffix(".json").read_text())
-            data = np.load(base.with_suffix(".npy"), mmap_mode="r")
             keys = list(idx["keys"])
+            idents = list(idx.get("ident") or [None] * len(keys))
+            deleted = [str(k) for k in idx.get("deleted", [])]
+            if idx["rows"] == 0:  # a commit that only deletes keys: it has no arrays
+                data = np.zeros((0, self.info.dim), np.float32)
+            else:
+                data = np.load(base.with_suffix(".npy"), mmap_mode="r")
             offsets = np.asarray(idx["offsets"], dtype=np.int64)
-            ok = (data.ndim == 2 and data.shape == (idx["rows"], self.info.dim) and data.dtype == np.float32
+            ok = (len(idents) == len(keys) and data.ndim == 2
+                  and data.shape == (idx["rows"], self.info.dim) and data.dtype == np.float32
                   and len(offsets) == len(keys) + 1 and offsets[0] == 0 and offsets[-1] == data.shape[0]
                   and bool(np.all(np.diff(offsets) > 0)))
             times = tags = None
-            if ok and idx.get("has_times"):
+            if ok and idx.get("has_times") and idx["rows"]:
                 times = np.load(Path(f"{base}.times.npy"), mmap_mode="r")
                 ok = times.shape == (data.shape[0], 2)
-            if ok and idx.get("has_tags"):
+            if ok and idx.get("has_tags") and idx["rows"]:
                 tags = np.load(Path(f"{base}.tags.npy"), mmap_mode="r")
                 ok = tags.ndim == 2 and tags.shape[0] == data.shape[0]
             if not ok:
@@ -225,7 +257,8 @@ class SequenceTable:
             self._damaged.append(num)
             warnings.warn(msg, stacklevel=3)
             return None
-        return _Shard(num, keys, offsets, data, times, tags, int(data.nbytes))
+        return _Shard(num, keys, offsets, data, times, tags, int(data.nbytes), idents, deleted,
+                      float(idx.get("created", 0.0)))
 
     @property
     def keys(self) -> list[str]:
@@ -261,6 +294,15 @@ class SequenceTable:
         s, a, b = self._locate(key)
         return None if s.tags is None else s.tags[a:b]
 
+    def ident(self, key: str) -> object | None:
+        """What ``key``'s row was computed from (see ``text_ident``/``audio_ident``); None: not recorded."""
+        self._locate(key)
+        return self._ident.get(key)
+
+    def committed_at(self, key: str) -> float:
+        """When ``key``'s row was committed (seconds since the epoch; 0 when unknown)."""
+        return self._locate(key)[0].created
+
     def length(self, key: str) -> int:
         _, a, b = self._locate(key)
         return b - a
@@ -284,7 +326,8 @@ class SequenceTable:
 
     @property
     def n_rows(self) -> int:
-        return sum(int(s.offsets[-1]) for s in self._shards)
+        """Rows served (superseded rows still on disk until compaction are not counted)."""
+        return sum(b - a for _, a, b in self._where.values())
 
     # ---- writing (callers hold the lock; see ``writer``)
     @contextlib.contextmanager
@@ -306,6 +349,9 @@ class SequenceTable:
             self.refresh()
             if self._damaged:
                 self._quarantine()
+            if self._format != FORMAT_VERSION:  # before the first new shard: older atae then refuses
+                self._write_manifest(counts=self._counts())
+                self._format = FORMAT_VERSION
             yield self
         finally:
             lock.close()
@@ -340,37 +386,47 @@ class SequenceTable:
         return max(nums, default=-1) + 1
 
     def append(self, keys: list[str], seqs: list[np.ndarray], times: list[np.ndarray] | None = None,
-               tags: list[np.ndarray] | None = None) -> None:
-        """Commit one shard: data files first, index last (the commit point)."""
-        if not keys:
+               tags: list[np.ndarray] | None = None, *, idents: Sequence | None = None,
+               deleted: Iterable[str] = ()) -> None:
+        """Commit one shard: data files first, index last (the commit point).
+
+        A key already stored is superseded (the new shard wins); ``idents`` (one per key, JSON values)
+        record what each row was computed from; ``deleted`` keys stop being served.
+        """
+        deleted = sorted(set(deleted) - set(keys))
+        if not keys and not deleted:
             return
-        if len(set(keys)) != len(keys) or any(k in self._where for k in keys):
+        if len(set(keys)) != len(keys):
             raise ValueError("append: duplicate keys")
+        idents = [None] * len(keys) if idents is None else list(idents)
+        if len(idents) != len(keys):
+            raise ValueError("append: one ident per key")
         lens = [int(s.shape[0]) for s in seqs]
-        if any(n < 1 for n in lens) or any(s.ndim != 2 or s.shape[1] != self.info.dim for s in seqs):
-            raise ValueError(f"append: sequences must be (T>=1, {self.info.dim})")
+        if len(seqs) != len(keys) or any(n < 1 for n in lens) \
+                or any(s.ndim != 2 or s.shape[1] != self.info.dim for s in seqs):
+            raise ValueError(f"append: one sequence per key, each (T>=1, {self.info.dim})")
         num = self._next_num()
         base = self.folder / f"shard-{num:05d}"
-        data = np.ascontiguousarray(np.concatenate(seqs, axis=0), dtype=np.float32)
-        _atomic_npy(base.with_suffix(".npy"), data)
-        if times is not None:
-            _atomic_npy(Path(f"{base}.times.npy"), np.concatenate(times, axis=0).astype(np.float64))
-        if tags is not None:
-            _atomic_npy(Path(f"{base}.tags.npy"), np.concatenate(tags, axis=0).astype(np.float32))
-        offsets = np.concatenate([[0], np.cumsum(lens)]).tolist()
+        rows = sum(lens)
+        if keys:
+            data = np.ascontiguousarray(np.concatenate(seqs, axis=0), dtype=np.float32)
+            _atomic_npy(base.with_suffix(".npy"), data)
+            if times is not None:
+                _atomic_npy(Path(f"{base}.times.npy"), np.concatenate(times, axis=0).astype(np.float64))
+            if tags is not None:
+                _atomic_npy(Path(f"{base}.tags.npy"), np.concatenate(tags, axis=0).astype(np.float32))
+        offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64).tolist()
         _atomic_json(base.with_suffix(".json"), {
-            "format": FORMAT_VERSION, "keys": list(keys), "offsets": offsets, "rows": int(data.shape[0]),
-            "dim": self.info.dim, "dtype": "float32", "has_times": times is not None,
-            "has_tags": tags is not None, "created": time.time(),
+            "format": FORMAT_VERSION, "keys": list(keys), "offsets": offsets, "rows": int(rows),
+            "dim": self.info.dim, "dtype": "float32", "has_times": times is not None and bool(keys),
+            "has_tags": tags is not None and bool(keys), "created": time.time(), "ident": idents,
+            "deleted": deleted,
         })
         _fsync_dir(self.folder)
         shard = self._open_shard(num)
         if shard is None:  # pragma: no cover - we just wrote it
             raise DataError("shard could not be read back after writing", path=base.with_suffix(".json"))
-        pos = len(self._shards)
-        self._shards.append(shard)
-        for i, k in enumerate(keys):
-            self._where[k] = (pos, offsets[i], offsets[i + 1])
+        self._add_shard(shard)
 
     def set_failures(self, new: dict[str, tuple[str, str]], succeeded: Iterable[str] = ()) -> None:
         """Record ``key -> (path, reason)`` failures; drop keys that now succeeded."""
@@ -384,8 +440,11 @@ class SequenceTable:
         self.failed = {k: v["reason"] for k, v in merged.items()}
         self._failed_paths = {k: v["path"] for k, v in merged.items()}
 
+    def _counts(self) -> dict:
+        return {"keys": len(self), "rows": self.n_rows, "shards": self.n_shards, "failed": len(self.failed)}
+
     def update_manifest(self) -> None:
-        counts = {"keys": len(self), "rows": self.n_rows, "shards": self.n_shards, "failed": len(self.failed)}
+        counts = self._counts()
         with contextlib.suppress(OSError, ValueError, KeyError):
             if json.loads((self.folder / "manifest.json").read_text())["counts"] == counts:
                 return  # a run that changed nothing writes nothing
@@ -394,58 +453,78 @@ class SequenceTable:
     def compact(self, target_bytes: int = COMPACT_TARGET_BYTES, min_small: int = 4) -> int:
         """Merge small shards into shards of up to ``target_bytes``; returns how many were merged away.
 
-        Only shards under ``target_bytes / 8`` count as small, and nothing happens below ``min_small``
-        of them, so an incremental run adding a batch or two never rewrites much data. Crash-safe: the
-        merged shard is committed before the old indexes and data are removed, and a reader tolerates
-        the brief duplicate (identical numbers).
+        Only shards whose served rows take under ``target_bytes / 8`` count as small, and nothing
+        happens below ``min_small`` of them, so an incremental run adding a batch or two never rewrites
+        much data. Shards holding superseded rows or deletions are rewritten whenever more than half of
+        their rows are dead or they are small: the new shard holds only the rows readers are served
+        (plus the deletions still needed to hide older rows elsewhere). Crash-safe: the merged shard is
+        committed before the old indexes and data are removed; it is the newest, so a reader that sees
+        both gets identical numbers from it.
         """
-        small = [s for s in self._shards if s.nbytes < target_bytes // 8]
-        if len(small) < max(2, min_small):
+        live = [0] * len(self._shards)
+        for pos, a, b in self._where.values():
+            live[pos] += b - a
+
+        def live_bytes(p: int) -> int:
+            total = int(self._shards[p].offsets[-1])
+            return self._shards[p].nbytes * live[p] // total if total else 0
+
+        def garbage(p: int) -> bool:
+            return live[p] < int(self._shards[p].offsets[-1]) or bool(self._shards[p].deleted)
+
+        cand = [p for p in range(len(self._shards))
+                if live_bytes(p) < target_bytes // 8 or 2 * live[p] < int(self._shards[p].offsets[-1])]
+        if len(cand) < max(2, min_small) and not any(garbage(p) for p in cand):
             return 0
         groups, cur, size = [], [], 0
-        for s in small:
-            if cur and size + s.nbytes > target_bytes:
+        for p in cand:
+            if cur and size + live_bytes(p) > target_bytes:
                 groups.append(cur)
                 cur, size = [], 0
-            cur.append(s)
-            size += s.nbytes
+            cur.append(p)
+            size += live_bytes(p)
         groups.append(cur)
-        merged = 0
-        for g in (g for g in groups if len(g) >= 2):
-            has_times = all(s.times is not None for s in g)
-            has_tags = all(s.tags is not None for s in g)
-            mixed_times = not has_times and any(s.times is not None for s in g)
-            mixed_tags = not has_tags and any(s.tags is not None for s in g)
-            if mixed_times or mixed_tags:
+        before, removed = len(self._shards), set()
+        for g in (g for g in groups if len(g) >= 2 or (g and garbage(g[0]))):
+            shards = [self._shards[p] for p in g]
+            has_times = all(self._shards[p].times is not None for p in g if live[p])
+            has_tags = all(self._shards[p].tags is not None for p in g if live[p])
+            if any((s.times is not None) != has_times or (s.tags is not None) != has_tags
+                   for p, s in zip(g, shards, strict=True) if live[p]):
                 continue  # inconsistent shards: leave them alone
-            pos_of = {id(s): p for p, s in enumerate(self._shards)}
-            keys, seqs, times, tags = [], [], [], []
-            for s in g:
+            keys, seqs, times, tags, idents = [], [], [], [], []
+            for p, s in zip(g, shards, strict=True):
                 for i, k in enumerate(s.keys):
-                    if self._where.get(k, (-1,))[0] != pos_of[id(s)]:
-                        continue  # a duplicate already served by another shard
+                    if self._where.get(k, (-1,))[0] != p:
+                        continue  # superseded or deleted: readers never see this row
                     a, b = int(s.offsets[i]), int(s.offsets[i + 1])
                     keys.append(k)
                     seqs.append(np.asarray(s.data[a:b]))
+                    idents.append(self._ident.get(k))
                     if has_times:
                         times.append(np.asarray(s.times[a:b]))
                     if has_tags:
                         tags.append(np.asarray(s.tags[a:b]))
+            dropped = {k for s in shards for k in s.deleted if k not in self._where}
+            gone = removed | set(g)
+            if dropped:  # keep a deletion only while an older row of that key survives elsewhere
+                dropped &= {k for p, s in enumerate(self._shards) if p not in gone for k in s.keys}
             for k in keys:
                 del self._where[k]
-            self.append(keys, seqs, times if has_times else None, tags if has_tags else None)
-            for s in g:
-                base = self.folder / f"shard-{s.num:05d}"
-                base.with_suffix(".json").unlink(missing_ok=True)
+            self.append(keys, seqs, times if has_times and keys else None,
+                        tags if has_tags and keys else None, idents=idents, deleted=dropped)
+            for s in shards:
+                (self.folder / f"shard-{s.num:05d}.json").unlink(missing_ok=True)
             _fsync_dir(self.folder)
-            for s in g:
+            for s in shards:
                 base = self.folder / f"shard-{s.num:05d}"
                 for suffix in (".npy", ".times.npy", ".tags.npy"):
                     Path(f"{base}{suffix}").unlink(missing_ok=True)
-            merged += len(g) - 1
-        if merged:
-            self.refresh()
-        return merged
+            removed |= set(g)
+        if not removed:
+            return 0
+        self.refresh()
+        return before - len(self._shards)
 
 
 class FeatureStore:
@@ -482,16 +561,24 @@ class ExtractReport:
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     parts: dict[str, ExtractReport] = field(default_factory=dict)  # "audio"/"text" in a combined report
+    # of ``done``: keys that were cached but re-extracted because their text/file changed since (or,
+    # for captions cached before format 2, because what they were computed from was not recorded)
+    changed: int = 0
 
     def __add__(self, other: ExtractReport) -> ExtractReport:
         return ExtractReport(self.done + other.done, self.skipped + other.skipped,
-                             self.failed + other.failed, self.seconds + other.seconds)
+                             self.failed + other.failed, self.seconds + other.seconds,
+                             changed=self.changed + other.changed)
 
     def summary(self) -> str:
-        lines = [f"{self.done} extracted, {self.skipped} already cached, {len(self.failed)} failed"
-                 f" ({self.seconds:.1f} s)"]
+        def changed(r):
+            return f" ({r.changed} of them changed since cached)" if r.changed else ""
+
+        lines = [f"{self.done} extracted{changed(self)}, {self.skipped} already cached, "
+                 f"{len(self.failed)} failed ({self.seconds:.1f} s)"]
         for what, r in self.parts.items():
-            lines.append(f"  {what}: {r.done} extracted, {r.skipped} cached, {len(r.failed)} failed")
+            lines.append(f"  {what}: {r.done} extracted{changed(r)}, {r.skipped} cached, "
+                         f"{len(r.failed)} failed")
         for path, reason in self.failed:
             lines.append(f"  failed: {path}: {reason}")
         return "\n".join(lines)
@@ -510,17 +597,51 @@ def _resolve_table(table_or_store, tower, kind: str) -> SequenceTable:
     return table
 
 
-def _unique_todo(items, table: SequenceTable) -> tuple[list[tuple[str, object]], int]:
-    seen, todo, skipped = set(), [], 0
+def text_ident(text: str) -> str:
+    """What a caption row is computed from: ``"sha1:<hex>"`` of the exact UTF-8 text."""
+    return "sha1:" + hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def audio_ident(path: str | Path | None) -> dict | None:
+    """What an audio row is computed from: absolute path, size and mtime_ns (a ``stat``; the content is
+    not hashed, which would cost as much as decoding). None when the file cannot be stat'ed."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return {"path": os.path.abspath(path), "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+
+
+def _text_current(table: SequenceTable, key: str, new) -> bool:
+    return new is not None and table.ident(key) == new  # unrecorded (before format 2): re-encode
+
+
+def _audio_current(table: SequenceTable, key: str, new) -> bool:
+    if new is None:
+        return True  # cannot stat it now: the cached row is all there is; keep it
+    old = table.ident(key)
+    if old is None:  # cached before format 2: trust it unless the file was modified after the commit
+        return new["mtime_ns"] <= table.committed_at(key) * 1e9
+    return old == new
+
+
+def _unique_todo(items, table: SequenceTable, ident_of: Callable, current: Callable):
+    """(todo [(key, value, ident)], skipped, changed keys): first occurrence of a key wins."""
+    seen, todo, skipped, changed = set(), [], 0, set()
     for key, value in items:
         if key in seen:
             continue
         seen.add(key)
+        ident = ident_of(value)
         if key in table:
-            skipped += 1
-        else:
-            todo.append((key, value))
-    return todo, skipped
+            if current(table, key, ident):
+                skipped += 1
+                continue
+            changed.add(key)
+        todo.append((key, value, ident))
+    return todo, skipped, changed
 
 
 def _progress(total: int, desc: str, progress: bool, unit: str):
@@ -566,6 +687,10 @@ def extract_audio(table_or_store, tower: AudioTower, items: Sequence[tuple[str, 
                   loader: Callable | None = None, compact: bool = True) -> ExtractReport:
     """Encode ``(key, audio path)`` items not yet in the store, one committed shard per batch.
 
+    A stored key whose file changed (``audio_ident``: path, size or mtime_ns differ from extraction
+    time) is encoded again and supersedes the old row (``report.changed``); a file that cannot be
+    stat'ed keeps its cached row.
+
     ``num_workers=1`` decodes the next batch in a background thread while the tower runs the current
     one (soundfile and soxr release the GIL); 0 decodes inline; None (default) picks 1 only with at
     least 4 CPUs. Measured with aisfx on 2 busy cores (bench/bench_features.py): decoding is ~3-7% of
@@ -581,7 +706,9 @@ def extract_audio(table_or_store, tower: AudioTower, items: Sequence[tuple[str, 
     if num_workers is None:
         num_workers = 1 if (os.cpu_count() or 1) >= 4 else 0
     with table.writer(), _one_blas_thread():
-        todo, report.skipped = _unique_todo(items, table)
+        todo, report.skipped, changed = _unique_todo(items, table, audio_ident, _audio_current)
+        ident = {k: i for k, _, i in todo}
+        todo = [(k, p) for k, p, _ in todo]
         batches = [todo[i:i + batch_size] for i in range(0, len(todo), max(1, batch_size))]
         bar = _progress(len(todo), f"audio {tower.info.name}", progress, "clip")
         pool = ThreadPoolExecutor(1) if num_workers > 0 and len(batches) > 1 else None
@@ -609,9 +736,12 @@ def extract_audio(table_or_store, tower: AudioTower, items: Sequence[tuple[str, 
                 with_tags = [t is not None for t in tags]
                 if any(with_tags) and not all(with_tags):
                     raise RuntimeError(f"{tower.info.name} returned tags for some clips only")
-                table.append(keys, seqs, times, tags if any(with_tags) else None)
+                # a changed clip that now fails must not keep serving its stale row
+                table.append(keys, seqs, times, tags if any(with_tags) else None,
+                             idents=[ident[k] for k in keys], deleted=[k for k in failures if k in table])
                 table.set_failures(failures, succeeded=keys)
                 report.done += len(keys)
+                report.changed += len(changed.intersection(keys))
                 report.failed.extend(failures.values())
                 bar.update(len(batch))
                 if failures:
@@ -630,12 +760,17 @@ def extract_audio(table_or_store, tower: AudioTower, items: Sequence[tuple[str, 
 
 def extract_text(table_or_store, tower: TextTower, items: Sequence[tuple[str, str]], *,
                  batch_size: int = 64, progress: bool = True, compact: bool = True) -> ExtractReport:
-    """Encode ``(key, text)`` items not yet in the store. Empty/blank texts are reported, not encoded."""
+    """Encode ``(key, text)`` items not in the store, or stored from a different text (``text_ident``:
+    the new row supersedes the old, counted in ``report.changed``). Empty/blank texts are reported, not
+    encoded (and drop a stale row of the same key)."""
     t0 = time.perf_counter()
     table = _resolve_table(table_or_store, tower, "text")
     report = ExtractReport()
     with table.writer(), _one_blas_thread():
-        todo, report.skipped = _unique_todo(items, table)
+        todo, report.skipped, changed = _unique_todo(
+            items, table, lambda t: text_ident(t) if isinstance(t, str) else None, _text_current)
+        ident = {k: i for k, _, i in todo}
+        todo = [(k, t) for k, t, _ in todo]
         bar = _progress(len(todo), f"text {tower.info.name}", progress, "text")
         try:
             for i in range(0, len(todo), max(1, batch_size)):
@@ -658,9 +793,11 @@ def extract_text(table_or_store, tower: TextTower, items: Sequence[tuple[str, st
                         continue
                     keys.append(k)
                     ok.append(s)
-                table.append(keys, ok)
+                table.append(keys, ok, idents=[ident[k] for k in keys],
+                             deleted=[k for k in failures if k in table])  # no stale row for a failure
                 table.set_failures(failures, succeeded=keys)
                 report.done += len(keys)
+                report.changed += len(changed.intersection(keys))
                 report.failed.extend(failures.values())
                 bar.update(len(batch))
         finally:

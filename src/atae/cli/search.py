@@ -37,7 +37,13 @@ from atae.errors import QueryError
     "--max-duration", default=None, type=click.FloatRange(min=0), help="Only files at most S s long."
 )
 @click.option("--glob", "glob", default=None, help="Only files whose name or path matches (e.g. '*.wav').")
-@click.option("--scorer", default=None, help="Zero-shot scorer instead of the model (e.g. bridge, hybrid).")
+@click.option(
+    "--scorer",
+    default=None,
+    type=click.Choice(["adapter", "bridge", "hybrid"]),
+    help="adapter: the trained model; bridge: zero-shot AudioSet tags (no model needed); hybrid: both. "
+    "Default: adapter with a trained model, else bridge if the audio tower has an AudioSet head.",
+)
 @click.option(
     "--csv",
     "csv_path",
@@ -89,6 +95,10 @@ def search(
 
         lib = Library.open(db)
         try:
+            if text is not None and scorer is None:
+                from atae.library.scorers import default_scorer
+
+                scorer = default_scorer(lib)
             results = lib.search(
                 text,
                 audio=audio,
@@ -107,7 +117,8 @@ def search(
             'use `atae search --db LIB "query"` (a library) or '
             '`atae search RUN "query" --csv C --audio-dir D` (a dataset)'
         )
-    _print(dataset_search(args[0], args[1], csv_path, audio_dir, k=k, feats=feats), as_json, paths_only)
+    rows = dataset_search(args[0], args[1], csv_path, audio_dir, k=k, feats=feats, scorer=scorer or "adapter")
+    _print(rows, as_json, paths_only)
 
 
 def dataset_search(
@@ -119,23 +130,28 @@ def dataset_search(
     k: int = 10,
     feats: str | None = None,
     progress: bool = True,
+    scorer: str = "adapter",
 ) -> list[dict]:
-    """Rank the clips of a Clotho-format dataset for ``text`` with the trained model ``run``."""
+    """Rank the clips of a Clotho-format dataset for ``text`` with the trained model ``run`` and one
+    scorer (``atae.evaluate.scores_for``: adapter, bridge or hybrid; the tuned values in RUN's extras)."""
     import numpy as np
-    import torch
 
+    from atae.bridge import normalise_query, require_tag_head
     from atae.data import read_caption_csv
+    from atae.evaluate import scores_for
     from atae.features import FeatureStore, extract_audio
     from atae.library.query import validate_text_query
     from atae.model import AlignedModel
     from atae.towers.registry import get_audio_tower, get_text_tower
 
-    text = validate_text_query(text)
+    text = normalise_query(validate_text_query(text))
     model = AlignedModel.load(run)
+    audio_tower = get_audio_tower(model.audio_info.name)
+    if scorer in ("bridge", "hybrid"):
+        require_tag_head(audio_tower)
     dataset = read_caption_csv(csv_path, audio_dir)
     for p in dataset.problems:
         click.secho(f"warning: {p}", fg="yellow", err=True)
-    audio_tower = get_audio_tower(model.audio_info.name)
     table = FeatureStore(feats or Path(run) / "features").audio_table(audio_tower.info)
     rep = extract_audio(
         table, audio_tower, [(c.key, c.path) for c in dataset.clips if c.path is not None], progress=progress
@@ -145,15 +161,9 @@ def dataset_search(
     clips = [c for c in dataset.clips if c.key in table]
     if not clips:
         return []
-    with torch.no_grad():
-        text_tower = get_text_tower(model.text_info.name)
-        seq = torch.from_numpy(np.asarray(text_tower.encode([text])[0], dtype=np.float32))[None]
-        q = model.embed_text(seq, torch.ones(1, seq.shape[1], dtype=torch.bool), normalize=True)[0]
-        scores = []
-        for i in range(0, len(clips), 256):
-            z, mask = table.batch([c.key for c in clips[i : i + 256]])
-            scores.append(model.embed_audio(z, mask, normalize=True) @ q)
-        scores = torch.cat(scores).numpy()
+    text_tower = get_text_tower(model.text_info.name)
+    scores = scores_for(scorer, candidates=[c.key for c in clips], texts=[text], audio_table=table,
+                        model=model, text_tower=text_tower, audio_tower=audio_tower)[0]
     order = np.argsort(-scores, kind="stable")[:k]
     return [
         {

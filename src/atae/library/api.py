@@ -93,6 +93,7 @@ class Library:
         self._audio_tower = audio_tower
         self._text_tower = text_tower
         self._model = None
+        self._scorers: dict = {}  # name -> scorer object (its per-library caches)
         self._lock = threading.RLock()
         self._writer = WriterLock(self.root)
         self.index: VectorIndex | None = None
@@ -571,18 +572,30 @@ class Library:
         scorer=None,
     ) -> list[SearchResult]:
         """Rank the library's files for a text query or an example sound; one result per file (its best
-        segment). ``glob`` (fnmatch) must match the file name or its full path. ``scorer``: None or "model"
-        (the library's vector space), "bridge" / "hybrid" (zero-shot via AudioSet tags, ``scorers.py``),
-        or any object with ``score(library, text) -> (segment_ids, scores)``."""
+        segment). ``glob`` (fnmatch) must match the file name or its full path. ``scorer``: None or
+        "adapter" (alias "model": the library's vector space), "bridge" / "hybrid" (zero-shot via AudioSet
+        tags, ``scorers.py``), or any object with ``score(library, text) -> (segment_ids, scores)``
+        (optionally ``top(library, text, n)``: the n best, for a fast exact top-k)."""
         if not isinstance(k, int) or k < 1 or k > 10_000:
             raise QueryError(f"k must be an integer between 1 and 10000, not {k!r}")
         with self._lock:
             self._refresh()
-            scorer = _resolve_scorer(scorer) if scorer is not None else None
+            scorer = self._resolve_scorer(scorer) if scorer is not None else None
+            if text is not None:
+                from atae.bridge import normalise_query
+
+                text = normalise_query(validate_text_query(text))
             if scorer is not None:
                 if text is None:
                     raise QueryError("a scorer ranks text queries; drop --scorer for query by example")
-                text = validate_text_query(text)
+                if hasattr(scorer, "top"):
+                    fetch = max(4 * k, 64)
+                    while True:
+                        ids, scores = scorer.top(self, text, fetch)
+                        res = self._collect(ids, scores, k, min_duration, max_duration, glob)
+                        if len(res) >= k or len(ids) < fetch:
+                            return res
+                        fetch *= 4
                 ids, scores = scorer.score(self, text)
                 order = np.argsort(-np.asarray(scores), kind="stable")
                 return self._collect(
@@ -622,21 +635,26 @@ class Library:
                 break
         return list(best.values())
 
+    def _resolve_scorer(self, scorer):
+        """None for the adapter (the library's own vector space), a scorer object, or a name in
+        ``scorers.SCORERS`` (built once per library, so its caches follow this library)."""
+        if hasattr(scorer, "score"):
+            return scorer
+        from atae.library import scorers
 
-_SCORER_CACHE: dict = {}
-
-
-def _resolve_scorer(scorer):
-    """An object with ``score(library, text)``, or a name in ``scorers.SCORERS`` (built once, cached)."""
-    if hasattr(scorer, "score"):
-        return scorer
-    if isinstance(scorer, str):
-        from atae.library.scorers import SCORERS
-
-        if scorer in ("model", "adapter"):
+        name = scorers.canonical(scorer)
+        if name == "adapter":
             return None
-        if scorer in SCORERS:
-            if scorer not in _SCORER_CACHE:
-                _SCORER_CACHE[scorer] = SCORERS[scorer]()
-            return _SCORER_CACHE[scorer]
-    raise QueryError(f"unknown scorer {scorer!r}", fix="use --scorer bridge, hybrid or model")
+        if name not in self._scorers:
+            self._scorers[name] = scorers.SCORERS[name]()
+        return self._scorers[name]
+
+    def scorers(self) -> dict:
+        """{"available": [names], "default": name or None, "unavailable": {name: why}} for UIs."""
+        from atae.library import scorers
+
+        with self._lock:
+            why = scorers.unavailable(self)
+            names = [n for n in scorers.SCORER_NAMES if n not in why]
+            default = "adapter" if "adapter" in names else ("bridge" if "bridge" in names else None)
+            return {"available": names, "default": default, "unavailable": why}

@@ -1,14 +1,19 @@
-"""Zero-shot scorers for a library: the AudioSet tag bridge and the bridge + model hybrid.
+"""Text scorers for a library: the trained adapter, the zero-shot AudioSet tag bridge, and their hybrid.
 
-A scorer is any object with ``score(library, text) -> (segment_ids, scores)``; ``Library.search(...,
-scorer=...)`` takes one (or the names "bridge" / "hybrid", built here) and does the per-file grouping
-and filtering. Both need a library indexed with a tagging tower (efficientat-*, cnn14): the tags are
-stored per segment at index time, so no audio is re-read. Scoring is exact over every segment (one
-(N, 527) product; about 1 ms per 10k segments).
+Names (the same on the CLI, in the web page and in ``Library.search(..., scorer=...)``):
 
-* bridge: ``atae.bridge.TagBridge`` with the minilm sentence embedding (last layer, mean of tokens,
-  which is the sentence-transformers embedding); temperature from the model's extras if a model is set.
-* hybrid: z-scored mix of the model's cosine and the bridge score, weight from the model's extras.
+* ``adapter`` (alias ``model``): the library's own vector space, i.e. the trained model's cosine.
+* ``bridge``: ``atae.bridge.TagBridge`` over the AudioSet tags stored per segment at index time (no
+  training needed, no audio re-read). Temperature from the model's extras if a model is set, else the
+  bridge default.
+* ``hybrid``: z-scored mix of the model's cosine and the bridge score, weight from the model's extras
+  (``atae.bridge.hybrid_weight``), else the documented default.
+
+A scorer object has ``top(library, text, n) -> (segment_ids, scores)`` (the n best segments, best
+first) and ``score(library, text)`` (every segment, dense; kept for custom scorers and for tests).
+Bridge and hybrid search go through ``atae.bridge.TagSearchIndex`` (``TagBridge.search``): exact dense
+top-k that reads only the label rows a query needs. Per-library state (tag index, aligned adapter
+vectors) is rebuilt when the library's generation, model or vector index changes.
 """
 
 from __future__ import annotations
@@ -17,95 +22,216 @@ import numpy as np
 
 from atae.errors import AtaeError, QueryError
 
+SCORER_NAMES = ("adapter", "bridge", "hybrid")
+ALIASES = {"model": "adapter"}
 BRIDGE_TEXT_TOWER = ("minilm", {"layer": -1})
 
 
-def _bridge(library, text_tower=None):
-    from atae import bridge
+def canonical(name: str) -> str:
+    """The canonical scorer name ("model" -> "adapter"); QueryError for an unknown name."""
+    n = ALIASES.get(name, name) if isinstance(name, str) else None
+    if n not in SCORER_NAMES:
+        raise QueryError(f"unknown scorer {name!r}", fix="use --scorer adapter, bridge or hybrid")
+    return n
 
-    if (
-        not library.stored_tower_info.name
-        or library.db.conn.execute("SELECT 1 FROM segments WHERE tags IS NOT NULL LIMIT 1").fetchone() is None
-    ):
-        if library.db.counts()["segments"] == 0:
-            return None
-        raise QueryError(
-            f"this library's audio tower ({library.stored_tower_info.name}) has no AudioSet head, "
-            "so zero-shot search is not possible",
-            path=library.root,
-            fix="index into a new --db with --audio-encoder efficientat-mn04 (or cnn14), or train "
-            "a model (atae train ...) and index with --model RUN",
-        )
-    if text_tower is None:
-        from atae.towers.registry import get_text_tower
 
-        name, opts = BRIDGE_TEXT_TOWER
-        text_tower = get_text_tower(name, **opts)
-    m = library.model if library.model_version else None
-    temp = float(
-        (getattr(m, "extras", None) or {}).get(bridge.EXTRA_BRIDGE_TEMPERATURE, bridge.DEFAULT_TEMPERATURE)
+def _has_tags(library) -> bool:
+    return library.db.conn.execute("SELECT 1 FROM segments WHERE tags IS NOT NULL LIMIT 1").fetchone() is not None
+
+
+def _model(library):
+    return library.model if library.model_version else None
+
+
+def unavailable(library) -> dict[str, str]:
+    """{scorer name: why it cannot be used} for this library (absent names are available)."""
+    why: dict[str, str] = {}
+    empty = library.db.counts()["segments"] == 0
+    no_model = "needs a trained model: index with `atae index DIR --db LIB --model RUN`"
+    if not library.model_version:
+        why["adapter"] = why["hybrid"] = no_model
+    if not empty and not _has_tags(library):
+        head = (f"this library's audio tower ({library.stored_tower_info.name}) has no AudioSet head: "
+                "index into a new --db with --audio-encoder efficientat-mn04 (or cnn14)")
+        why["bridge"] = head
+        why.setdefault("hybrid", head)
+    return why
+
+
+def available(library) -> list[str]:
+    """The scorer names this library can use, in ``SCORER_NAMES`` order."""
+    bad = unavailable(library)
+    return [n for n in SCORER_NAMES if n not in bad]
+
+
+def default_scorer(library) -> str:
+    """``adapter`` with a trained model, else ``bridge`` if the tower has an AudioSet head, else an error."""
+    names = available(library)
+    if "adapter" in names:
+        return "adapter"
+    if "bridge" in names:
+        return "bridge"
+    raise QueryError(
+        f"this library has no trained model and its audio tower ({library.stored_tower_info.name}) has no "
+        "AudioSet head, so text search is not possible (query by example still works)",
+        path=library.root,
+        fix="train a model (atae train ...) and index with `atae index DIR --db LIB --model RUN`, or index "
+        "into a new --db with --audio-encoder efficientat-mn04",
     )
-    return bridge.TagBridge(text_tower, temperature=temp)
+
+
+def _require(library, name: str) -> None:
+    why = unavailable(library).get(name)
+    if why is not None:
+        raise QueryError(f"the {name!r} scorer is not available for this library: {why}", path=library.root,
+                         fix="use --scorer " + " or ".join(available(library) or ["(none)"]))
+
+
+def _bridge_text_tower(library, text_tower):
+    if text_tower is not None:
+        return text_tower
+    if library._text_tower is not None:  # set explicitly (tests, a caller's own tower)
+        return library._text_tower
+    if _model(library) is not None:
+        return library.text_tower  # the model's tower; TagBridge reads its last layer
+    from atae.towers.registry import get_text_tower
+
+    name, opts = BRIDGE_TEXT_TOWER
+    return get_text_tower(name, **opts)
 
 
 class BridgeScorer:
     """Zero-shot: rank segments by the AudioSet classes the query asks for (no training needed)."""
 
+    name = "bridge"
+
     def __init__(self, text_tower=None):
         self.text_tower = text_tower
-        self._tb = None
-        self._tags = (None, None, -1)
+        self._key = None
+        self._state: dict = {}
 
-    def _tag_matrix(self, library):
-        gen = library.db.generation()
-        if self._tags[2] != gen:
+    def _fresh(self, library) -> dict:
+        index = getattr(library, "index", None)
+        key = (library.db.generation(), library.model_version, id(index), getattr(index, "ntotal", None))
+        if key != self._key:
+            self._state, self._key = {}, key
+        return self._state
+
+    def bridge(self, library):
+        """The library's TagBridge (temperature from the model's extras, else the default)."""
+        from atae import bridge
+
+        st = self._fresh(library)
+        if "tb" not in st:
+            _require(library, "bridge")
+            m = _model(library)
+            temp = float((getattr(m, "extras", None) or {}).get(bridge.EXTRA_BRIDGE_TEMPERATURE,
+                                                                 bridge.DEFAULT_TEMPERATURE))
+            st["tb"] = bridge.TagBridge(_bridge_text_tower(library, self.text_tower), temperature=temp)
+        return st["tb"]
+
+    def _tags(self, library):
+        st = self._fresh(library)
+        if "tags" not in st:
             ids, tags = library.db.tags_matrix()
-            self._tags = (ids, tags, gen)
-        return self._tags[0], self._tags[1]
+            st["tags"] = (ids, tags)
+        return st["tags"]
 
-    def bridge_scores(self, library, text: str) -> tuple[np.ndarray, np.ndarray]:
-        if self._tb is None:
-            self._tb = _bridge(library, self.text_tower)
-        ids, tags = self._tag_matrix(library)
-        if self._tb is None or tags is None or not len(ids):
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        return ids, self._tb.scores([text], tags)[0]
+    def _index(self, library):
+        from atae.bridge import TagSearchIndex
+
+        st = self._fresh(library)
+        if "index" not in st:
+            ids, tags = self._tags(library)
+            st["index"] = (ids, TagSearchIndex(tags) if tags is not None and len(ids) else None)
+        return st["index"]
 
     def score(self, library, text: str):
-        return self.bridge_scores(library, text)
+        """Every tagged segment's bridge score (dense)."""
+        tb = self.bridge(library)
+        ids, tags = self._tags(library)
+        if tags is None or not len(ids):
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return ids, tb.scores([text], tags)[0]
+
+    def top(self, library, text: str, n: int):
+        """The n best segments (ids, scores), best first; the same as sorting ``score`` (exact)."""
+        tb = self.bridge(library)
+        ids, index = self._index(library)
+        if index is None:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        pos, sc = tb.search(text, index, n)
+        return ids[pos], sc
 
 
 class HybridScorer(BridgeScorer):
     """Model cosine and bridge score, each z-scored over the library's segments, mixed by the weight the
     model stores (``atae.bridge.hybrid_weight``)."""
 
+    name = "hybrid"
+
+    def _check(self, library):
+        from atae import bridge
+
+        _require(library, "hybrid")
+        m = _model(library)
+        try:
+            bridge.check_hybrid_tower(m, library.stored_tower_info)
+        except AtaeError as exc:
+            raise QueryError(str(exc).split(" (fix: ")[0], path=library.root, fix=exc.fix) from exc
+        return m
+
+    def _aligned(self, library):
+        """(ids, tags, vectors) of the segments that have both tags and a vector, with their tag index."""
+        from atae.bridge import TagSearchIndex
+
+        st = self._fresh(library)
+        if "aligned" not in st:
+            ids, tags = self._tags(library)
+            vi = library.index
+            if tags is None or vi is None or vi.ntotal == 0:
+                st["aligned"] = None
+            else:
+                import faiss
+
+                all_ids = np.asarray(faiss.vector_to_array(vi.index.id_map), dtype=np.int64)
+                vecs = vi.index.index.reconstruct_n(0, vi.ntotal)
+                pos = {int(i): n for n, i in enumerate(all_ids)}
+                keep = np.array([int(i) in pos for i in ids], dtype=bool)
+                ids, tags = ids[keep], tags[keep]
+                v = vecs[[pos[int(i)] for i in ids]] if len(ids) else vecs[:0]
+                st["aligned"] = (ids, tags, v, TagSearchIndex(tags)) if len(ids) else None
+        return st["aligned"]
+
+    def _adapter(self, library, text, vecs):
+        q = library.query_vector(text=text)
+        return vecs @ (q / max(float(np.linalg.norm(q)), 1e-12))
+
     def score(self, library, text: str):
         from atae import bridge
 
-        m = library.model if library.model_version else None
-        if m is None:
-            raise QueryError(
-                "the hybrid scorer needs a trained model",
-                path=library.root,
-                fix="index with --model RUN, or use --scorer bridge",
-            )
-        ids, b = self.bridge_scores(library, text)
-        if not len(ids):
-            return ids, b
-        q = library.query_vector(text=text)
-        vi = library.index
-        all_ids = np.asarray(__import__("faiss").vector_to_array(vi.index.id_map), dtype=np.int64)
-        vecs = vi.index.index.reconstruct_n(0, vi.ntotal)
-        pos = {int(i): n for n, i in enumerate(all_ids)}
-        keep = np.array([int(i) in pos for i in ids])
-        ids, b = ids[keep], b[keep]
-        qn = q / max(float(np.linalg.norm(q)), 1e-12)
-        a = vecs[[pos[int(i)] for i in ids]] @ qn
-        try:
-            mixed = bridge.hybrid_scores(a[None], b[None], bridge.hybrid_weight(m))[0]
-        except AtaeError as exc:
-            raise QueryError(str(exc)) from exc
-        return ids, mixed
+        m = self._check(library)
+        tb = self.bridge(library)
+        al = self._aligned(library)
+        if al is None:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        ids, tags, vecs, _ = al
+        a = self._adapter(library, text, vecs)
+        b = tb.scores([text], tags)[0]
+        return ids, bridge.hybrid_scores(a[None], b[None], bridge.hybrid_weight(m))[0]
+
+    def top(self, library, text: str, n: int):
+        from atae import bridge
+
+        m = self._check(library)
+        tb = self.bridge(library)
+        al = self._aligned(library)
+        if al is None:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        ids, _, vecs, index = al
+        a = self._adapter(library, text, vecs)
+        pos, sc = tb.search(text, index, n, adapter_scores=a, weight=bridge.hybrid_weight(m))
+        return ids[pos], sc
 
 
 SCORERS = {"bridge": BridgeScorer, "hybrid": HybridScorer}

@@ -147,3 +147,27 @@ def window_spans(n_samples: int, sr: int, window_s: float | None, hop_s: float |
         if sp != out[-1]:
             out.append(sp)
     return out
+
+
+def encode_by_length(prepared: list[tuple[list[np.ndarray], np.ndarray]], run_batch, dim: int, n_tags: int,
+                     max_batch_samples: int) -> list[AudioEncoding]:
+    """Run every clip's segments through ``run_batch``, batching only segments of equal length.
+
+    ``prepared`` holds, per clip, its (already padded) segments and their (T, 2) times;
+    ``run_batch((B, N) array) -> (embeddings (B, dim), tags (B, n_tags))``. Equal length only:
+    zero-padding to a common length would change the network's pooling over time, i.e. the numbers.
+    """
+    by_len: dict[int, list[tuple[int, int]]] = {}
+    for i, (segs, _) in enumerate(prepared):
+        for j, s in enumerate(segs):
+            by_len.setdefault(len(s), []).append((i, j))
+    emb = [np.zeros((len(s), dim), np.float32) for s, _ in prepared]
+    tags = [np.zeros((len(s), n_tags), np.float32) for s, _ in prepared]
+    for n, members in by_len.items():
+        step = max(1, max_batch_samples // max(n, 1))
+        for s in range(0, len(members), step):
+            chunk = members[s:s + step]
+            e, t = run_batch(np.stack([prepared[i][0][j] for i, j in chunk]))
+            for row, (i, j) in enumerate(chunk):
+                emb[i][j], tags[i][j] = e[row], t[row]
+    return [AudioEncoding(emb[i], prepared[i][1], tags[i]) for i in range(len(prepared))]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atae.errors import AudioError, WeightsError
-from atae.towers.base import AudioEncoding, AudioTower, TowerInfo, window_spans
+from atae.towers.base import AudioEncoding, AudioTower, TowerInfo, encode_by_length, window_spans
 
 SAMPLE_RATE = 32000
 N_FFT = 1024
@@ -391,17 +391,4 @@ class Cnn14Tower(AudioTower):
         Only equal-length segments share a batch: zero-padding to a common length would change the
         max/mean pooling over time, i.e. the numbers."""
         prepared = [self._segments(self._check_wave(w)) for w in waves]
-        by_len: dict[int, list[tuple[int, int]]] = {}
-        for i, (segs, _) in enumerate(prepared):
-            for j, s in enumerate(segs):
-                by_len.setdefault(len(s), []).append((i, j))
-        emb = [np.zeros((len(s), self.dim), np.float32) for s, _ in prepared]
-        tags = [np.zeros((len(s), N_CLASSES), np.float32) for s, _ in prepared]
-        for n, members in by_len.items():
-            step = max(1, self.max_batch_samples // max(n, 1))
-            for s in range(0, len(members), step):
-                chunk = members[s:s + step]
-                e, t = self.run_batch(np.stack([prepared[i][0][j] for i, j in chunk]))
-                for row, (i, j) in enumerate(chunk):
-                    emb[i][j], tags[i][j] = e[row], t[row]
-        return [AudioEncoding(emb[i], prepared[i][1], tags[i]) for i in range(len(prepared))]
+        return encode_by_length(prepared, self.run_batch, self.dim, N_CLASSES, self.max_batch_samples)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atae.errors import AudioError, WeightsError
-from atae.towers.base import AudioEncoding, AudioTower, TowerInfo, window_spans
+from atae.towers.base import AudioEncoding, AudioTower, TowerInfo, encode_by_length, window_spans
 
 SAMPLE_RATE = 32000
 N_FFT = 1024
@@ -316,17 +316,8 @@ class EfficientATTower(AudioTower):
             spans = window_spans(len(w), SAMPLE_RATE, self.window_s, self.hop_s)
             prepared.append(([self.pad_to_min(w[a:b]) for a, b in spans],
                              np.asarray(spans, dtype=np.float64) / SAMPLE_RATE))
-        by_len: dict[int, list[tuple[int, int]]] = {}
-        for i, (segs, _) in enumerate(prepared):
-            for j, s in enumerate(segs):
-                by_len.setdefault(len(s), []).append((i, j))
-        emb = [np.zeros((len(s), self.dim), np.float32) for s, _ in prepared]
-        tags = [np.zeros((len(s), N_CLASSES), np.float32) for s, _ in prepared]
-        for n, members in by_len.items():
-            step = max(1, self.max_batch_samples // max(n, 1))
-            for s in range(0, len(members), step):
-                chunk = members[s:s + step]
-                out = self.run_batch(np.stack([prepared[i][0][j] for i, j in chunk]))
-                for row, (i, j) in enumerate(chunk):
-                    emb[i][j], tags[i][j] = out[self.embedding][row], out["tags"][row]
-        return [AudioEncoding(emb[i], prepared[i][1], tags[i]) for i in range(len(prepared))]
+        def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            out = self.run_batch(batch)
+            return out[self.embedding], out["tags"]
+
+        return encode_by_length(prepared, run, self.dim, N_CLASSES, self.max_batch_samples)
