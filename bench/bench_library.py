@@ -1,22 +1,34 @@
 """Library speed: vector search at 10k / 100k / 1M items, and end-to-end indexing of real audio.
 
-    .venv/bin/python bench/bench_library.py [--sizes 10000,100000,1000000] [--queries 200]
-                                            [--hnsw-budget-s 300] [--audio-clips 60]
+    .venv/bin/python bench/bench_library.py [--sizes 10000,100000] [--queries 200]
+                                            [--hnsw-budget-s 900] [--hnsw-grid 16:40,24:48]
+                                            [--audio-clips 60] [--skip-product] [--skip-indexing]
 
-Synthetic vectors: 512-d, L2-normalised, drawn around 2,000 random cluster centres (centre + noise of
-the same norm), so they have the clustered structure of real embeddings; queries come from the same
-distribution and are not in the index. (Uniform random 512-d vectors are the worst case for any graph
-index and do not resemble embeddings.)
+A skipped section (--skip-*) keeps the previous JSON's numbers, marked ``from_previous_run``.
 
-Per size and index kind (flat = exact IndexFlatIP, hnsw = IndexHNSWFlat M=32, efConstruction=80, both
-in IndexIDMap2 as the library uses them):
-* build time (add) and bytes per item of the saved index;
+1M is opt-in (``--sizes 10000,100000,1000000``): its HNSW build takes ~10+ min on 2 cores.
+
+Synthetic vectors: 512-d, L2-normalised, a Gaussian mixture around 2,000 random centres on the sphere
+(centre + isotropic noise of norm ~0.7, renormalised), so they have the clustered structure of real
+embeddings; queries come from the same distribution and are not in the index. (Uniform random 512-d
+vectors are the worst case for any graph index and do not resemble embeddings; real embeddings may still
+be harder or easier than this proxy.)
+
+Per size and index kind (flat = exact IndexFlatIP, hnsw = IndexHNSWFlat with the library's defaults
+``vectors.HNSW_M`` / ``HNSW_EF_CONSTRUCTION``, both in IndexIDMap2 as the library uses them):
+* build time (add, ``--build-threads`` OpenMP threads) and bytes per item of the saved index;
 * single-query latency p50/p95 of the search alone (k=10, one thread, as one web request is served);
-* "text query" latency: the real minilm text tower + a 512-d text adapter + the search, per query;
-* HNSW recall@10 against exact search for efSearch in a sweep; the reported HNSW latency is at the
-  smallest efSearch reaching recall >= 0.98 (the library's default efSearch is 128).
-An HNSW build that would exceed ``--hnsw-budget-s`` is stopped and its time extrapolated from the
-measured insertion rate (reported as such, with no latency/recall for that size).
+* "text query" latency: the real minilm text tower (uncached) + a 512-d text adapter + the search;
+* HNSW recall@10 against exact search for efSearch in a sweep; the headline HNSW numbers are at the
+  library's default efSearch (``vectors.HNSW_EF_SEARCH``), and the smallest efSearch reaching 0.98 is
+  reported too;
+* ratios: exact / HNSW search p50 and the share of the text query spent encoding the text.
+``--hnsw-grid M:efC,...`` also builds those HNSW variants (build time, recall and latency vs efSearch),
+the sweep used to choose the defaults. An HNSW build that would exceed ``--hnsw-budget-s`` is stopped
+and its time extrapolated from the measured insertion rate (reported as such, with no latency/recall).
+
+Text encoding alone (once): p50/p95 of the minilm encode of one short query on 1 and 2 torch threads,
+of the adapter, and of a repeated query served by the tower's LRU cache.
 
 End-to-end: ``Library.add`` with the aisfx tower over ESC-50 clips from ../shared (if present): files/s
 and seconds of audio per second.
@@ -87,7 +99,8 @@ def saved_bytes(index) -> int:
 
 
 def text_encoder():
-    """(encode(text) -> 512-d query vector, name): real minilm + a random 384->512 text adapter."""
+    """(encode(text) -> 512-d query vector, name, parts): real minilm (cache off, so every query pays the
+    forward) + a random 384->512 text adapter; ``parts`` = (tower, model) for the encode-only timings."""
     try:
         import torch
 
@@ -96,21 +109,63 @@ def text_encoder():
         from atae.towers.registry import get_text_tower
 
         torch.set_num_threads(1)  # one query = one thread, as one web request is served
-        tt = get_text_tower("minilm")
+        tt = get_text_tower("minilm", cache_size=0)
         model = AlignedModel(TowerInfo("aisfx", "audio", DIM, None, 44100), tt.info)
 
         def enc(text: str) -> np.ndarray:
-            with torch.no_grad():
-                z = torch.from_numpy(tt.encode([text])[0])[None]
-                return model.embed_text(z, torch.ones(1, z.shape[1], dtype=torch.bool), normalize=True)[
-                    0
-                ].numpy()
+            z = torch.from_numpy(tt.encode([text])[0])[None]
+            with torch.inference_mode():
+                e = model.embed_text(z, torch.ones(1, z.shape[1], dtype=torch.bool), normalize=True)
+            return e[0].numpy()
 
         enc("warm up")
-        return enc, "minilm + adapter"
+        return enc, "minilm + adapter", (tt, model)
     except Exception as exc:  # noqa: BLE001
         print(f"text tower unavailable ({exc}); text-query latency not measured", file=sys.stderr)
-        return None, None
+        return None, None, None
+
+
+def bench_text_encode(parts, n: int = 60) -> dict:
+    """Where a text query's time goes: the tower forward (1 vs 2 threads), the adapter, a cache hit."""
+    import torch
+
+    from atae.towers.hf_text import HFTextTower
+
+    tt, model = parts
+    out: dict = {"queries": n}
+    before = torch.get_num_threads()
+    lat: dict[int, list[float]] = {1: [], 2: []}
+    for i in range(n + 2):  # 1 and 2 threads interleaved, so a load change on the machine hits both
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            t = time.perf_counter()
+            tt.encode([CAPTIONS[i % len(CAPTIONS)]])
+            if i >= 2:  # the first two rounds warm up each thread count
+                lat[threads].append(time.perf_counter() - t)
+    for threads, xs in lat.items():
+        out[f"encode_{threads}thr_p50_ms"], out[f"encode_{threads}thr_p95_ms"] = pct(xs, 50), pct(xs, 95)
+    torch.set_num_threads(1)
+    zs = [torch.from_numpy(tt.encode([c])[0])[None] for c in CAPTIONS]
+    lat = []
+    with torch.inference_mode():
+        for i in range(n):
+            z = zs[i % len(zs)]
+            t = time.perf_counter()
+            model.embed_text(z, torch.ones(1, z.shape[1], dtype=torch.bool), normalize=True)
+            lat.append(time.perf_counter() - t)
+    out["adapter_p50_ms"] = pct(lat, 50)
+    cached = HFTextTower(tt.model_dir, layer=tt.layer)  # same weights, default LRU cache
+    first = [cached.encode([c])[0] for c in CAPTIONS]
+    lat = []
+    for i in range(n):
+        t = time.perf_counter()
+        z = cached.encode([CAPTIONS[i % len(CAPTIONS)]])[0]
+        lat.append(time.perf_counter() - t)
+        assert np.array_equal(z, first[i % len(CAPTIONS)])
+    out["encode_cache_hit_p50_ms"] = pct(lat, 50)
+    torch.set_num_threads(before)
+    print("text encode", {k: round(v, 3) for k, v in out.items()}, flush=True)
+    return out
 
 
 CAPTIONS = [
@@ -127,6 +182,60 @@ CAPTIONS = [
 ]
 
 
+def build_hnsw(x, ids, m: int, efc: int, args) -> tuple[object | None, dict]:
+    """Build in chunks so a too-slow build can stop and be extrapolated honestly from its own rate."""
+    faiss.omp_set_num_threads(args.build_threads)
+    n = len(x)
+    index = V.new_index(DIM, "hnsw", m=m, ef_construction=efc)
+    t = time.perf_counter()
+    done, marks = 0, []
+    chunk = max(10_000, n // 10)
+    while done < n:
+        index.add_with_ids(x[done : done + chunk], ids[done : done + chunk])
+        done = min(n, done + chunk)
+        el = time.perf_counter() - t
+        marks.append((done, round(el, 2)))
+        if done < n and el / done * n > args.hnsw_budget_s and el > 20:
+            # the last chunk's rate (insertion slows ~log n as the graph grows), x 1.1 for what is left
+            d0, e0 = marks[-2] if len(marks) > 1 else (0, 0.0)
+            d1, e1 = marks[-1]
+            rate = (d1 - d0) / max(e1 - e0, 1e-9)
+            est = el + (n - done) / rate * 1.1
+            info = {"built": False, "M": m, "efConstruction": efc, "inserted": done, "elapsed_s": el,
+                    "progress": marks, "build_s_extrapolated": est,
+                    "note": f"stopped: projected build > budget {args.hnsw_budget_s:.0f} s "
+                    f"with {args.build_threads} threads"}
+            return None, info
+    return index, {"built": True, "M": m, "efConstruction": efc, "build_s": time.perf_counter() - t,
+                   "progress": marks}
+
+
+def hnsw_sweep(index, queries, truth) -> list[dict]:
+    faiss.omp_set_num_threads(1)
+    sweep = []
+    for ef in EF_SWEEP:
+        lat, found = time_queries(index, queries, faiss.SearchParametersHNSW(efSearch=ef))
+        sweep.append({"efSearch": ef, "recall@10": recall_at_k(found, truth),
+                      "search_p50_ms": pct(lat, 50), "search_p95_ms": pct(lat, 95)})
+    return sweep
+
+
+def text_query_latency(index, enc, n: int, params=None) -> dict:
+    """Text query = encode (tower + adapter) + search, timed per part so the encode share is measured
+    on the same queries, not from a separate run."""
+    te, ts = [], []
+    for i in range(n):
+        t0 = time.perf_counter()
+        q = enc(CAPTIONS[i % len(CAPTIONS)])[None]
+        t1 = time.perf_counter()
+        index.search(q, K, params=params) if params is not None else index.search(q, K)
+        t2 = time.perf_counter()
+        te.append(t1 - t0)
+        ts.append(t2 - t0)
+    return {"text_query_p50_ms": pct(ts, 50), "text_query_p95_ms": pct(ts, 95),
+            "text_encode_share": float(np.sum(te) / np.sum(ts))}
+
+
 def bench_size(n: int, args, rng, centres, enc) -> dict:
     print(f"\n== {n:,} vectors", flush=True)
     t = time.perf_counter()
@@ -135,6 +244,7 @@ def bench_size(n: int, args, rng, centres, enc) -> dict:
     queries = clustered(args.queries, rng, centres)
     print(f"generated in {time.perf_counter() - t:.1f} s", flush=True)
     res: dict = {"n": n}
+    n_text = min(args.queries, 50)
 
     faiss.omp_set_num_threads(args.build_threads)
     flat = V.new_index(DIM, "flat")
@@ -145,80 +255,61 @@ def bench_size(n: int, args, rng, centres, enc) -> dict:
     lat, truth = time_queries(flat, queries)
     res["flat"].update({"search_p50_ms": pct(lat, 50), "search_p95_ms": pct(lat, 95)})
     if enc is not None:
-        tl = []
-        for i in range(min(args.queries, 50)):
-            t = time.perf_counter()
-            flat.search(enc(CAPTIONS[i % len(CAPTIONS)])[None], K)
-            tl.append(time.perf_counter() - t)
-        res["flat"].update({"text_query_p50_ms": pct(tl, 50), "text_query_p95_ms": pct(tl, 95)})
+        res["flat"].update(text_query_latency(flat, enc, n_text))
     print("flat", {k: round(v, 3) for k, v in res["flat"].items()}, flush=True)
 
-    # HNSW: build in chunks so a too-slow build can stop and be extrapolated honestly
-    faiss.omp_set_num_threads(args.build_threads)
-    hnsw = V.new_index(DIM, "hnsw")
-    t = time.perf_counter()
-    done = 0
-    chunk = max(10_000, n // 20)
-    while done < n:
-        hnsw.add_with_ids(x[done : done + chunk], ids[done : done + chunk])
-        done = min(n, done + chunk)
-        el = time.perf_counter() - t
-        if done < n and el / done * n > args.hnsw_budget_s and el > 20:
-            rate = done / el
-            # insertion cost grows ~log n: extrapolate the remaining items at the current rate x 1.1
-            est = el + (n - done) / rate * 1.1
-            res["hnsw"] = {
-                "built": False,
-                "inserted": done,
-                "elapsed_s": el,
-                "build_s_extrapolated": est,
-                "note": f"stopped: projected build > budget {args.hnsw_budget_s:.0f} s "
-                f"with {args.build_threads} threads",
-            }
-            print("hnsw", res["hnsw"], flush=True)
-            return res
-    res["hnsw"] = {
-        "built": True,
-        "build_s": time.perf_counter() - t,
-        "bytes_per_item": saved_bytes(hnsw) / n,
-        "M": V.HNSW_M,
-        "efConstruction": V.HNSW_EF_CONSTRUCTION,
-    }
-    faiss.omp_set_num_threads(1)
-    sweep = []
-    for ef in EF_SWEEP:
-        lat, found = time_queries(hnsw, queries, faiss.SearchParametersHNSW(efSearch=ef))
-        sweep.append(
-            {
-                "efSearch": ef,
-                "recall@10": recall_at_k(found, truth),
-                "search_p50_ms": pct(lat, 50),
-                "search_p95_ms": pct(lat, 95),
-            }
-        )
-    res["hnsw"]["sweep"] = sweep
-    ok = [s for s in sweep if s["recall@10"] >= 0.98]
-    best = ok[0] if ok else sweep[-1]
-    res["hnsw"].update(
-        {
-            "chosen_efSearch": best["efSearch"],
-            "recall@10": best["recall@10"],
-            "search_p50_ms": best["search_p50_ms"],
-            "search_p95_ms": best["search_p95_ms"],
-        }
-    )
-    if enc is not None:
-        params = faiss.SearchParametersHNSW(efSearch=best["efSearch"])
-        tl = []
-        for i in range(min(args.queries, 50)):
-            t = time.perf_counter()
-            hnsw.search(enc(CAPTIONS[i % len(CAPTIONS)])[None], K, params=params)
-            tl.append(time.perf_counter() - t)
-        res["hnsw"].update({"text_query_p50_ms": pct(tl, 50), "text_query_p95_ms": pct(tl, 95)})
-    print("hnsw", {k: v for k, v in res["hnsw"].items() if k != "sweep"}, flush=True)
-    for s in sweep:
-        print("   ", s, flush=True)
+    grid = [(V.HNSW_M, V.HNSW_EF_CONSTRUCTION)] + [g for g in args.hnsw_grid if g != (V.HNSW_M,
+                                                                                      V.HNSW_EF_CONSTRUCTION)]
+    res["hnsw_grid"] = []
+    for gi, (m, efc) in enumerate(grid):
+        index, info = build_hnsw(x, ids, m, efc, args)
+        if index is not None:
+            info["bytes_per_item"] = saved_bytes(index) / n
+            info["sweep"] = hnsw_sweep(index, queries, truth)
+        print(f"hnsw M={m} efC={efc}", {k: v for k, v in info.items() if k not in ("sweep", "progress")},
+              flush=True)
+        for row in info.get("sweep", []):
+            print("   ", {k: round(v, 4) for k, v in row.items()}, flush=True)
+        if gi > 0:
+            res["hnsw_grid"].append(info)
+            continue
+        res["hnsw"] = info
+        if index is None:
+            continue
+        sweep = info["sweep"]
+        default = next((s for s in sweep if s["efSearch"] == V.HNSW_EF_SEARCH), None)
+        if default is None:  # the default is not in the sweep: measure it
+            default = hnsw_sweep_one(index, queries, truth, V.HNSW_EF_SEARCH)
+        ok = [s for s in sweep if s["recall@10"] >= 0.98]
+        info.update({"efSearch": V.HNSW_EF_SEARCH, "recall@10": default["recall@10"],
+                     "search_p50_ms": default["search_p50_ms"], "search_p95_ms": default["search_p95_ms"],
+                     "min_efSearch_recall_0.98": ok[0]["efSearch"] if ok else None})
+        if enc is not None:
+            info.update(text_query_latency(index, enc, n_text,
+                                           faiss.SearchParametersHNSW(efSearch=V.HNSW_EF_SEARCH)))
+        del index
+    res["ratios"] = ratios(res)
+    print("ratios", {k: round(v, 3) for k, v in res["ratios"].items()}, flush=True)
     return res
+
+
+def hnsw_sweep_one(index, queries, truth, ef: int) -> dict:
+    faiss.omp_set_num_threads(1)
+    lat, found = time_queries(index, queries, faiss.SearchParametersHNSW(efSearch=ef))
+    return {"efSearch": ef, "recall@10": recall_at_k(found, truth), "search_p50_ms": pct(lat, 50),
+            "search_p95_ms": pct(lat, 95)}
+
+
+def ratios(res: dict) -> dict:
+    """exact / HNSW search p50 (speed-up), and the share of a text query's time spent encoding the text."""
+    out = {}
+    h, f = res.get("hnsw", {}), res["flat"]
+    if h.get("search_p50_ms"):
+        out["flat_over_hnsw_search_p50"] = f["search_p50_ms"] / h["search_p50_ms"]
+    for kind, r in (("flat", f), ("hnsw", h)):
+        if "text_encode_share" in r:
+            out[f"{kind}_text_encode_share"] = r["text_encode_share"]
+    return out
 
 
 def bench_product_search(n: int, rng, centres, queries: int = 50) -> dict | None:
@@ -376,41 +467,65 @@ def plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def grid_arg(text: str) -> list[tuple[int, int]]:
+    try:
+        return [(int(m), int(e)) for m, e in (g.split(":") for g in text.split(",") if g.strip())]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--hnsw-grid wants M:efConstruction,... ({exc})") from exc
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="10000,100000,1000000")
+    ap.add_argument("--sizes", default="10000,100000", help="comma list; add 1000000 for the (slow) 1M run")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--build-threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--hnsw-budget-s", type=float, default=300.0)
+    ap.add_argument("--hnsw-budget-s", type=float, default=900.0)
+    ap.add_argument("--hnsw-grid", type=grid_arg, default=[], help="extra HNSW builds, e.g. 16:40,24:48")
     ap.add_argument("--audio-clips", type=int, default=60)
     ap.add_argument("--product-n", type=int, default=100_000, help="Library.search end-to-end size.")
+    ap.add_argument("--skip-product", action="store_true", help="Skip the Library.search end-to-end run.")
+    ap.add_argument("--skip-indexing", action="store_true", help="Skip indexing real audio from ../shared.")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "library.json"))
     ap.add_argument("--plot-only", action="store_true", help="Redraw the PNG from an existing --out JSON.")
     args = ap.parse_args()
     if args.plot_only:
         plot(json.loads(Path(args.out).read_text())["sizes"], Path(args.out).with_name("library_latency.png"))
         return
+    path = Path(args.out)
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+
+    def kept(key: str):
+        """A skipped section keeps the previous run's numbers, marked as such."""
+        old = previous.get(key)
+        return None if old is None else {**old, "from_previous_run": True}
+
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((2000, DIM), dtype=np.float32) / np.sqrt(DIM)
-    enc, enc_name = text_encoder()
+    enc, enc_name, parts = text_encoder()
+    text = bench_text_encode(parts) if parts is not None else None
     results = [bench_size(int(n), args, rng, centres, enc) for n in args.sizes.split(",")]
     out = {
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "faiss": faiss.__version__,
+            "load_avg_at_end": os.getloadavg(),
             "note": "2 shared cores; other jobs were running, so absolute numbers are pessimistic",
         },
         "dim": DIM,
         "k": K,
         "queries": args.queries,
+        "vectors": "synthetic: Gaussian mixture of 2,000 unit centres, noise norm ~0.7, renormalised",
+        "defaults": {"M": V.HNSW_M, "efConstruction": V.HNSW_EF_CONSTRUCTION, "efSearch": V.HNSW_EF_SEARCH,
+                     "hnsw_threshold": V.HNSW_THRESHOLD},
         "text_encoder": enc_name,
+        "text_encode": text,
         "build_threads": args.build_threads,
         "sizes": results,
-        "product_search": bench_product_search(args.product_n, rng, centres),
-        "indexing": bench_indexing(args.audio_clips),
+        "product_search": kept("product_search") if args.skip_product
+        else bench_product_search(args.product_n, rng, centres),
+        "indexing": kept("indexing") if args.skip_indexing else bench_indexing(args.audio_clips),
     }
-    path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=2))

@@ -548,3 +548,236 @@ def test_cli_extract_summary_and_resume(tmp_path, monkeypatch):
     res2 = CliRunner().invoke(extract, args)
     assert res2.exit_code == 0, res2.output
     assert towers[-1].encoded == 0 and "0 extracted" in res2.output and "broken.wav" in res2.output
+
+
+# ------------------------------------------------------------ content addressing: changed text / audio
+
+
+class CountingTextTower(FakeTextTower):
+    """FakeTextTower that remembers every text it encoded."""
+
+    def __init__(self, crash_on_call: int | None = None):
+        super().__init__()
+        self.texts: list[str] = []
+        self.crash_on_call = crash_on_call
+
+    def encode(self, texts):
+        if self.crash_on_call is not None and self.calls + 1 == self.crash_on_call:
+            self.calls += 1
+            raise RuntimeError("simulated crash inside the tower")
+        self.texts.extend(texts)
+        return super().encode(texts)
+
+
+def _sha1(text: str) -> str:
+    import hashlib
+
+    return "sha1:" + hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def test_changed_caption_is_reextracted_unchanged_is_not(tmp_path):
+    store = FeatureStore(tmp_path)
+    first = {"a#0": "a dog barks", "a#1": "rain falls", "b#0": "a car passes by", "b#1": "birds sing"}
+    t1 = CountingTextTower()
+    extract_text(store, t1, list(first.items()), batch_size=3, progress=False, compact=False)
+    assert sorted(t1.texts) == sorted(first.values())
+    second = {"a#0": "a dog barks", "a#1": "wind howls loudly", "b#0": "a car passes by", "b#1": "   "}
+    t2 = CountingTextTower()
+    rep = extract_text(store, t2, list(second.items()), batch_size=3, progress=False, compact=False)
+    assert t2.texts == ["wind howls loudly"]  # only the changed text ran; the blank one fails
+    assert (rep.done, rep.changed, rep.skipped) == (1, 1, 2)
+    assert [k for k, _ in rep.failed] == ["b#1"]
+    assert "1 of them changed" in rep.summary()
+    for table in (store.text_table(t2.info), SequenceTable(store.text_table(t2.info).folder, t2.info)):
+        np.testing.assert_array_equal(table.get("a#1"), fake_text_seq("wind howls loudly"))
+        np.testing.assert_array_equal(table.get("a#0"), fake_text_seq("a dog barks"))
+        assert "b#1" not in table and "b#1" in table.failed  # the stale "birds sing" row is not served
+        assert table.ident("a#1") == _sha1("wind howls loudly") and len(table) == 3
+    t3 = CountingTextTower()
+    rep3 = extract_text(store, t3, list(second.items()), progress=False)
+    assert t3.calls == 0  # the blank one is retried but never encoded
+    assert (rep3.done, rep3.changed, rep3.skipped) == (0, 0, 3) and [k for k, _ in rep3.failed] == ["b#1"]
+    # that run's compaction dropped the dead rows even though there were fewer than 4 small shards
+    folder = store.text_table(t3.info).folder
+    on_disk = sum(json.loads(p.read_text())["rows"] for p in folder.glob("shard-*.json"))
+    assert on_disk == sum(len(second[k].split()) for k in ("a#0", "a#1", "b#0"))
+
+
+def test_two_datasets_sharing_clip_keys_get_their_own_caption_features(tmp_path):
+    clips = make_clips(tmp_path / "wav", 3)
+    clean = _Dataset("clean", [_Clip(k, p, [f"clean caption of {k}"]) for k, (p, _) in clips.items()])
+    noisy = _Dataset("noisy", [_Clip(k, p, [f"noisy tag {i}"])
+                               for i, (k, (p, _)) in enumerate(clips.items())])
+    ensure_dataset_features(clean, FakeAudioTower(), CountingTextTower(), tmp_path / "feats", progress=False,
+                            loader=sf_loader)
+    at, tt = FakeAudioTower(), CountingTextTower()
+    _, text, rep = ensure_dataset_features(noisy, at, tt, tmp_path / "feats", progress=False,
+                                           loader=sf_loader)
+    assert at.calls == 0 and rep.parts["audio"].skipped == 3  # same files: audio reused
+    assert sorted(tt.texts) == sorted(f"noisy tag {i}" for i in range(3)) and rep.parts["text"].changed == 3
+    for i, k in enumerate(clips):
+        np.testing.assert_array_equal(text.get(caption_key(k, 0)), fake_text_seq(f"noisy tag {i}"))
+
+
+def test_rewritten_or_moved_audio_is_reextracted(tmp_path):
+    clips = make_clips(tmp_path / "wav", 5)
+    store = FeatureStore(tmp_path / "feats")
+    extract_audio(store, FakeAudioTower(), items_of(clips), batch_size=2, progress=False, loader=sf_loader,
+                  compact=False)
+    # clip001: same length (same size on disk), different samples; mtime pushed forward explicitly so a
+    # coarse filesystem clock cannot hide the rewrite
+    path1, wave1 = clips["clip001.wav"]
+    new1 = (-wave1[::-1]).copy()
+    st = os.stat(path1)
+    sf.write(path1, new1, SR, subtype="FLOAT")
+    os.utime(path1, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+    assert os.stat(path1).st_size == st.st_size
+    # clip003: the key now names a different file elsewhere, same size and mtime: only the path differs
+    path3, wave3 = clips["clip003.wav"]
+    other = tmp_path / "elsewhere" / "clip003.wav"
+    other.parent.mkdir()
+    new3 = np.full(len(wave3), 0.25, np.float32)
+    sf.write(other, new3, SR, subtype="FLOAT")
+    st3 = os.stat(path3)
+    os.utime(other, ns=(st3.st_atime_ns, st3.st_mtime_ns))
+    assert (os.stat(other).st_size, os.stat(other).st_mtime_ns) == (st3.st_size, st3.st_mtime_ns)
+    items = [(k, other if k == "clip003.wav" else p) for k, p in items_of(clips)]
+    tower = FakeAudioTower()
+    rep = extract_audio(store, tower, items, batch_size=2, progress=False, loader=sf_loader)
+    assert (rep.done, rep.changed, rep.skipped, tower.encoded) == (2, 2, 3, 2)
+    table = store.audio_table(tower.info)
+    np.testing.assert_array_equal(table.get("clip001.wav"), fake_seq(new1)[0])
+    np.testing.assert_array_equal(table.get("clip003.wav"), fake_seq(new3)[0])
+    np.testing.assert_array_equal(table.times("clip003.wav"), fake_seq(new3)[1])
+    np.testing.assert_array_equal(table.get("clip000.wav"), fake_seq(clips["clip000.wav"][1])[0])
+    assert table.ident("clip003.wav")["path"] == os.path.abspath(other)
+    again = FakeAudioTower()
+    rep2 = extract_audio(store, again, items, progress=False, loader=sf_loader)
+    assert (again.calls, rep2.skipped, rep2.changed) == (0, 5, 0)
+    # a changed file that no longer decodes: reported, and its stale row is no longer served
+    path1.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    rep3 = extract_audio(store, FakeAudioTower(), items, progress=False, loader=sf_loader)
+    assert [p for p, _ in rep3.failed] == [str(path1)]
+    table = store.audio_table(tower.info)
+    assert "clip001.wav" not in table and "clip001.wav" in table.failed and len(table) == 4
+    # a file that vanished keeps its cached row (nothing better exists)
+    os.unlink(other)
+    gone = FakeAudioTower()
+    rep4 = extract_audio(store, gone, items, progress=False, loader=sf_loader)
+    assert gone.calls == 0 and (rep4.done, rep4.skipped) == (0, 4)  # clip001 retried, fails to decode
+    np.testing.assert_array_equal(store.audio_table(tower.info).get("clip003.wav"), fake_seq(new3)[0])
+
+
+def _strip_to_format_1(folder: Path) -> None:
+    """Rewrite a store as format 1 wrote it: no idents, no deletions, manifest format 1."""
+    for idx in folder.glob("shard-*.json"):
+        d = json.loads(idx.read_text())
+        d.pop("ident", None)
+        d.pop("deleted", None)
+        d["format"] = 1
+        idx.write_text(json.dumps(d))
+    m = json.loads((folder / "manifest.json").read_text())
+    m["format"] = 1
+    (folder / "manifest.json").write_text(json.dumps(m))
+
+
+def test_stores_without_idents_are_upgraded(tmp_path):
+    clips = make_clips(tmp_path / "wav", 4)
+    store = FeatureStore(tmp_path / "feats")
+    texts = [("c#0", "a dog barks"), ("c#1", "rain falls")]
+    extract_text(store, FakeTextTower(), texts, progress=False)
+    extract_audio(store, FakeAudioTower(), items_of(clips), progress=False, loader=sf_loader)
+    tfolder = store.text_table(FakeTextTower().info).folder
+    afolder = store.audio_table(FakeAudioTower().info).folder
+    _strip_to_format_1(tfolder)
+    _strip_to_format_1(afolder)
+    assert store.text_table(FakeTextTower().info).ident("c#0") is None  # format 1 is still readable
+    # captions: unknown text -> encoded once more; audio: trusted unless modified after the commit
+    tt = CountingTextTower()
+    rep = extract_text(store, tt, texts, progress=False)
+    assert sorted(tt.texts) == ["a dog barks", "rain falls"] and rep.changed == 2
+    path2, wave2 = clips["clip002.wav"]
+    st = os.stat(path2)
+    os.utime(path2, ns=(st.st_atime_ns, time.time_ns() + 5_000_000_000))
+    at = FakeAudioTower()
+    rep = extract_audio(store, at, items_of(clips), progress=False, loader=sf_loader)
+    assert (at.encoded, rep.changed, rep.skipped) == (1, 1, 3)
+    for folder in (tfolder, afolder):
+        assert json.loads((folder / "manifest.json").read_text())["format"] == 2
+    tt2, at2 = CountingTextTower(), FakeAudioTower()
+    extract_text(store, tt2, texts, progress=False)
+    extract_audio(store, at2, items_of(clips), progress=False, loader=sf_loader)
+    assert (tt2.calls, at2.calls) == (0, 0)
+
+
+def test_last_committed_shard_wins_and_compaction_keeps_only_newest(tmp_path):
+    info = FakeTextTower().info
+    table = FeatureStore(tmp_path).text_table(info)
+    rows = {f"k{i}": np.full((i % 3 + 1, 4), float(i), np.float32) for i in range(6)}
+    table.append(list(rows), list(rows.values()), idents=[f"v0-{k}" for k in rows])
+    newer = {"k1": np.full((4, 4), 101.0, np.float32), "k4": np.full((1, 4), 104.0, np.float32)}
+    table.append(list(newer), list(newer.values()), idents=["v1-k1", "v1-k4"])
+    newest = {"k1": np.full((2, 4), 201.0, np.float32)}
+    table.append(list(newest), list(newest.values()), idents=["v2-k1"], deleted=["k5"])
+    want = {**rows, **newer, **newest}
+    del want["k5"]
+    on_disk_before = sum(json.loads(p.read_text())["rows"] for p in table.folder.glob("shard-*.json"))
+    assert on_disk_before == sum(len(v) for v in (*rows.values(), *newer.values(), *newest.values()))
+
+    def check(t):
+        assert sorted(t.keys) == sorted(want)
+        for k, v in want.items():
+            np.testing.assert_array_equal(t.get(k), v)
+        assert t.ident("k1") == "v2-k1" and t.ident("k0") == "v0-k0"
+        assert t.n_rows == sum(len(v) for v in want.values())
+
+    check(table)
+    check(SequenceTable(table.folder, info))
+    # a crash after the merged shard landed but before the old ones were removed: both on disk
+    backup = {p.name: p.read_bytes() for p in table.folder.glob("shard-*")}
+    assert table.compact(min_small=2) == 2 and table.n_shards == 1
+    check(table)
+    merged = json.loads(next(table.folder.glob("shard-*.json")).read_text())
+    assert merged["rows"] == sum(len(v) for v in want.values())  # superseded rows are gone
+    assert merged["deleted"] == []  # no older row of k5 is left to hide
+    for name, data in backup.items():
+        (table.folder / name).write_bytes(data)
+    check(SequenceTable(table.folder, info))
+
+
+def test_compaction_keeps_a_deletion_that_still_hides_an_older_row(tmp_path):
+    info = FakeTextTower().info
+    table = FeatureStore(tmp_path).text_table(info)
+    big = {f"b{i}": np.full((50, 4), float(i), np.float32) for i in range(10)}  # 2000 float32 = 8 KB
+    table.append(list(big), list(big.values()), idents=list(big))
+    for i in range(3):
+        table.append([f"s{i}"], [np.ones((1, 4), np.float32)], idents=[f"s{i}"])
+    table.append([], [], deleted=["b3"])
+    # with 16 KB merged shards, the 8 KB one is not small (>= 2 KB) and has few dead rows: kept
+    assert table.compact(target_bytes=16 << 10, min_small=2) == 3
+    reopened = SequenceTable(table.folder, info)
+    assert "b3" not in reopened and len(reopened) == 12 and reopened.n_shards == 2
+    np.testing.assert_array_equal(reopened.get("b4"), big["b4"])
+    files = sorted(p.name for p in table.folder.glob("shard-*"))
+    assert table.compact(target_bytes=16 << 10, min_small=2) == 0  # nothing left to gain: no rewrite
+    assert sorted(p.name for p in table.folder.glob("shard-*")) == files
+
+
+def test_crash_while_reextracting_changed_captions_then_resume(tmp_path):
+    store = FeatureStore(tmp_path)
+    old = [(f"k#{i}", f"old caption number {i}") for i in range(10)]
+    new = [(f"k#{i}", f"new words {i} here") for i in range(10)]
+    extract_text(store, FakeTextTower(), old, batch_size=4, progress=False)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        extract_text(store, CountingTextTower(crash_on_call=2), new, batch_size=4, progress=False)
+    table = store.text_table(FakeTextTower().info)
+    for i in range(10):  # each key is either fully old or fully new, never mixed
+        got = np.array(table.get(f"k#{i}"))
+        want = fake_text_seq(new[i][1]) if i < 4 else fake_text_seq(old[i][1])
+        np.testing.assert_array_equal(got, want)
+    tt = CountingTextTower()
+    rep = extract_text(store, tt, new, batch_size=4, progress=False)
+    assert sorted(tt.texts) == sorted(t for _, t in new[4:]) and (rep.changed, rep.skipped) == (6, 4)
+    table = store.text_table(FakeTextTower().info)
+    for k, t in new:
+        np.testing.assert_array_equal(table.get(k), fake_text_seq(t))

@@ -121,6 +121,18 @@ def test_search_results_keyboard_and_play(server, tmp_path):
             )
             page.screenshot(path=str(tmp_path / "long-match.png"))
 
+            # the scorer selector: all three usable here (a model and a tagging tower), adapter by default
+            page.wait_for_function("!document.querySelector('#scorer option[value=hybrid]').disabled")
+            assert page.eval_on_selector(
+                "#scorer", "s => [s.value, [...s.options].filter(o => !o.disabled).map(o => o.value)]"
+            ) == ["adapter", ["adapter", "bridge", "hybrid"]]
+            page.select_option("#scorer", "bridge")
+            with page.expect_response(lambda r: "scorer=bridge" in r.url) as resp:
+                page.fill("#q", "mid")
+                page.press("#q", "Enter")
+            assert resp.value.status == 200 and resp.value.json()["scorer"] == "bridge"
+            page.select_option("#scorer", "adapter")
+
             # a bad query shows the server's message, not a blank page
             page.fill("#q", "   ")
             page.press("#q", "Enter")

@@ -6,7 +6,8 @@ Layout (one folder per tower identity, so numbers from different towers can neve
                                   shard-00000.npy       (sum T, F) float32 rows of many sequences
                                   shard-00000.times.npy (sum T, 2) float64 [start, end) s (audio only)
                                   shard-00000.tags.npy  (sum T, 527) float32 (towers with a tag head)
-                                  shard-00000.json      index: keys + row offsets  <- the commit point
+                                  shard-00000.json      index: keys, row offsets, idents, deleted keys
+                                                        <- the commit point
                                   failed.json           key -> {path, reason} of the last failures
     FEATS/text/<TowerInfo.key()>/...                    same, keys "<clip key>#<caption index>"
 
@@ -131,6 +132,7 @@ class SequenceTable:
         self.folder = Path(folder)
         self.info = info
         self.problems: list[str] = []  # shards ignored because they are damaged
+        self._format = None  # of manifest.json; writing upgrades it to FORMAT_VERSION
         self._damaged: list[int] = []
         manifest = self.folder / "manifest.json"
         if manifest.exists():
@@ -455,8 +457,8 @@ class SequenceTable:
 
         Only shards whose served rows take under ``target_bytes / 8`` count as small, and nothing
         happens below ``min_small`` of them, so an incremental run adding a batch or two never rewrites
-        much data. Shards holding superseded rows or deletions are rewritten whenever more than half of
-        their rows are dead or they are small: the new shard holds only the rows readers are served
+        much data. A shard holding superseded rows is rewritten when it is small (even alone) or more
+        than half of its rows are dead: the new shard holds only the rows readers are served
         (plus the deletions still needed to hide older rows elsewhere). Crash-safe: the merged shard is
         committed before the old indexes and data are removed; it is the newest, so a reader that sees
         both gets identical numbers from it.
@@ -469,8 +471,8 @@ class SequenceTable:
             total = int(self._shards[p].offsets[-1])
             return self._shards[p].nbytes * live[p] // total if total else 0
 
-        def garbage(p: int) -> bool:
-            return live[p] < int(self._shards[p].offsets[-1]) or bool(self._shards[p].deleted)
+        def garbage(p: int) -> bool:  # dead rows (deletions alone do not count: they may still be needed)
+            return live[p] < int(self._shards[p].offsets[-1])
 
         cand = [p for p in range(len(self._shards))
                 if live_bytes(p) < target_bytes // 8 or 2 * live[p] < int(self._shards[p].offsets[-1])]

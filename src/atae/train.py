@@ -567,13 +567,15 @@ def _as_source(x, audio_table, text_table):
 
 def run_recipe(recipe: Recipe | str, clean_train, clean_val, noisy, audio_table, text_table, out_dir, *,
                resume: bool = True, restart: bool = False, progress: bool = False,
-               on_epoch: Callable[[dict], None] | None = None, **overrides) -> RunResult:
+               on_epoch: Callable[[dict], None] | None = None, text_tower=None, **overrides) -> RunResult:
     """Run every stage of a recipe and save the final model (best weights of the last stage) in
     ``out_dir``. ``clean_train``/``clean_val``/``noisy`` are CaptionDatasets (or (dataset, audio_table,
     text_table) triples when a source lives in other tables); ``noisy`` may be None for the ``atae`` recipe.
 
     Running the same call again resumes from the last checkpoint (``resume``); ``restart=True`` discards
     an earlier run in ``out_dir`` first. ``overrides`` replace TrainConfig fields (seed, max_epochs, loss).
+    With a tagging audio tower the bridge temperature and hybrid weight are then tuned on ``clean_val``
+    and stored in the model's extras (``atae.tuning``; ``text_tower``: the tower the text table came from).
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, **overrides)
@@ -629,6 +631,9 @@ def run_recipe(recipe: Recipe | str, clean_train, clean_val, noisy, audio_table,
     }
     model.train_summary = summary
     model.save(out)
+    from atae.tuning import tune_after_training
+
+    summary["tuning"] = tune_after_training(model, val_src, out, text_tower=text_tower)
     try:
         plot_learning_curve([r for k in sorted(histories) for r in histories[k]], out / CURVE_NAME)
     except Exception as e:  # noqa: BLE001 - a missing plot must never lose a trained model
@@ -742,10 +747,14 @@ def train_from_files(recipe: str | Path, *, train_csv, train_audio, val_csv, val
             atab, ttab = store.audio_table(audio_tower.info), store.text_table(text_tower.info)
     elif noisy_audio is not None:
         echo(f"note: recipe {rec.name!r} has no noisy stage; --noisy-* ignored")
-    result = run_recipe(rec, clean, val, noisy, atab, ttab, out, restart=restart, progress=progress)
+    result = run_recipe(rec, clean, val, noisy, atab, ttab, out, restart=restart, progress=progress,
+                        text_tower=text_tower)
     for st in result.stages:
         echo(f"stage {st.name}: {st.n_pairs} pairs, {st.epochs_run} epochs, best val mAP@10 "
              f"{st.best_score:.4f} at epoch {st.best_epoch} ({st.stopped})")
+    tuning = result.summary.get("tuning") or {}
+    if "skipped" not in tuning:
+        echo("tuned on validation: " + ", ".join(f"{k} {v:g}" for k, v in tuning.items()))
     echo(f"model saved to {out}")
     return result
 

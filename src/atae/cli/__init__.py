@@ -14,6 +14,7 @@ _COMMAND_MODULES = [
     "atae.cli.extract",
     "atae.cli.train",
     "atae.cli.score",
+    "atae.cli.tune",
     "atae.cli.search",
     "atae.cli.library",
     "atae.cli.weights",

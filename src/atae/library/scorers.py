@@ -36,7 +36,8 @@ def canonical(name: str) -> str:
 
 
 def _has_tags(library) -> bool:
-    return library.db.conn.execute("SELECT 1 FROM segments WHERE tags IS NOT NULL LIMIT 1").fetchone() is not None
+    row = library.db.conn.execute("SELECT 1 FROM segments WHERE tags IS NOT NULL LIMIT 1").fetchone()
+    return row is not None
 
 
 def _model(library):

@@ -2,7 +2,9 @@
 
 Routes
 * ``GET /``: the page (vanilla JS, no CDN); ``/static/*``: its files.
-* ``GET /api/search?q=TEXT&k=10[&min_duration=&max_duration=&glob=]`` -> ``{"query", "results", "took_ms"}``.
+* ``GET /api/search?q=TEXT&k=10[&scorer=adapter|bridge|hybrid][&min_duration=&max_duration=&glob=]`` ->
+  ``{"query", "scorer", "results", "took_ms"}``; a scorer this library cannot use -> 400 with the reason
+  (``/api/stats`` lists ``scorers``: available ones, the default, and why the others are not).
 * ``POST /api/search`` (multipart, field ``file``, optional ``k``): query by an example sound; bodies over
   ``max_upload_bytes`` -> 413 (checked from Content-Length and while streaming), unreadable audio -> 400.
 * ``GET /api/audio/{id}``: an indexed file, **only by its numeric id** (no path parameter exists, so no
@@ -171,13 +173,22 @@ def create_app(library, *, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
         min_duration: float | None = None,
         max_duration: float | None = None,
         glob: str | None = None,
+        scorer: str | None = None,
     ):
         t0 = time.perf_counter()
+        from atae.library import scorers as _sc
+
+        name = _sc.canonical(scorer) if scorer else None
+        if name is not None:
+            why = library.scorers()["unavailable"].get(name)
+            if why is not None:
+                raise QueryError(f"the {name!r} scorer is not available for this library: {why}")
         res = library.search(
-            q, k=_k(k), min_duration=min_duration, max_duration=max_duration, glob=glob or None
+            q, k=_k(k), min_duration=min_duration, max_duration=max_duration, glob=glob or None, scorer=name
         )
         return {
             "query": q,
+            "scorer": name or "adapter",
             "results": [r.to_dict() for r in res],
             "took_ms": round((time.perf_counter() - t0) * 1000, 1),
         }
@@ -271,6 +282,7 @@ def create_app(library, *, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
     def stats():
         s = library.stats()
         s["text_search"] = bool(library.model_version)
+        s["scorers"] = library.scorers()
         return s
 
     app.add_middleware(_Guard, limit=max_upload_bytes)  # outermost user middleware: sees the raw body first

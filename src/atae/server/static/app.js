@@ -2,7 +2,17 @@
 // atae search page: plain JS, no dependencies. Talks to /api/search, /api/audio/{id}, /api/waveform/{id}.png.
 const $ = (s) => document.querySelector(s);
 const form = $("#search"), q = $("#q"), k = $("#k"), list = $("#results"), status = $("#status");
-const drop = $("#drop"), fileInput = $("#file");
+const drop = $("#drop"), fileInput = $("#file"), scorer = $("#scorer");
+
+// enable only the scorers this library can use; pick its default (adapter with a model, else bridge)
+fetch("/api/stats").then((r) => r.json()).then((s) => {
+  const info = s.scorers || { available: ["adapter"], default: "adapter", unavailable: {} };
+  for (const o of scorer.options) {
+    o.disabled = !info.available.includes(o.value);
+    o.title = info.unavailable[o.value] || "";
+  }
+  if (info.default) scorer.value = info.default;
+}).catch(() => {});
 
 function fmt(s) {
   if (s == null) return "";
@@ -104,7 +114,8 @@ function current() { return list.querySelector("li.selected"); }
 form.addEventListener("submit", (ev) => {
   ev.preventDefault();
   const text = q.value;
-  const url = `/api/search?q=${encodeURIComponent(text)}&k=${encodeURIComponent(k.value)}`;
+  const url = `/api/search?q=${encodeURIComponent(text)}&k=${encodeURIComponent(k.value)}` +
+    `&scorer=${encodeURIComponent(scorer.value)}`;
   run(fetch(url), `“${text.trim()}”`);
 });
 

@@ -1,0 +1,131 @@
+"""Tune the zero-shot bridge's temperature and the hybrid weight on a validation set, and store them.
+
+Why: both values are chosen on validation data (issue 5), and whoever searches later (``atae evaluate``,
+``atae search``, a library, the web page) should get them without knowing they exist. They live in the
+model directory's ``config.json`` (``AlignedModel.extras``: ``atae.bridge.EXTRA_BRIDGE_TEMPERATURE`` and
+``EXTRA_HYBRID_WEIGHT``); a model without them uses ``DEFAULT_TEMPERATURE`` / ``DEFAULT_HYBRID_WEIGHT``.
+
+Procedure (DCASE 2022 layout: every caption queries all validation clips, its own clip relevant):
+1. temperature: the ``TEMPERATURE_GRID`` value with the best bridge mAP@10 (``bridge.tune_temperature``);
+2. weight: with the bridge at that temperature, the ``WEIGHT_GRID`` value with the best hybrid mAP@10
+   (``bridge.tune_hybrid_weight``). Ties go to the first grid value.
+
+``atae train`` runs this after training when the audio tower has an AudioSet head; ``atae tune`` re-runs
+it on any Clotho-format validation set (or, without a model, only reports the best temperature).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from atae import bridge as br
+from atae.errors import DataError
+
+EXTRA_TUNED_ON = "tuned_on"  # extras key: what the values were tuned on (data, queries, mAP@10)
+
+
+def has_tags(audio_table, keys) -> bool:
+    """True when every one of ``keys`` has stored AudioSet tags (a tower with an AudioSet head)."""
+    keys = list(keys)
+    return bool(keys) and all(audio_table.tags(k) is not None for k in keys)
+
+
+def _queries(dataset, audio_table, text_table):
+    from atae.evaluate import dataset_queries
+
+    if text_table is not None:
+        cands, texts, tkeys, rel, _ = dataset_queries(dataset, audio_table, text_table)
+        return cands, texts, [np.asarray(text_table.get(k)) for k in tkeys], rel
+    cands, texts, rel = [], [], []
+    for c in dataset.clips:
+        if c.key in audio_table:
+            for cap in c.captions:
+                texts.append(cap)
+                rel.append(len(cands))
+            cands.append(c.key)
+    return cands, texts, None, rel
+
+
+def tune_on_dataset(dataset, audio_table, text_tower, *, model=None, text_table=None,
+                    scorer: str = "hybrid", k: int = 10) -> dict:
+    """Tune on a caption dataset whose audio features (with tags) are in ``audio_table``.
+
+    ``text_tower``: the model's text tower (the bridge reads its last layer); ``text_table``: cached
+    token sequences for the adapter (else ``text_tower`` encodes the captions). ``scorer="bridge"`` tunes
+    only the temperature (no model needed). Returns ``{EXTRA_BRIDGE_TEMPERATURE, [EXTRA_HYBRID_WEIGHT],
+    "temperature_curve", ["weight_curve"], "n_queries", "n_clips"}``."""
+    from atae.evaluate import encode_texts, score_matrix
+
+    if scorer not in ("bridge", "hybrid"):
+        raise DataError(f"cannot tune scorer {scorer!r}", fix="use bridge or hybrid")
+    if scorer == "hybrid" and model is None:
+        raise DataError("tuning the hybrid weight needs a trained model", fix="pass RUN, or --scorer bridge")
+    cands, texts, seqs, rel = _queries(dataset, audio_table, text_table)
+    if not texts:
+        raise DataError(f"validation set {getattr(dataset, 'name', '')!r} has no usable caption",
+                        fix="check --csv/--audio-dir and the extraction report")
+    if not has_tags(audio_table, cands):
+        raise DataError("the validation clips have no AudioSet tags: the audio tower has no AudioSet head",
+                        fix="use a tagging tower (efficientat-mn04, cnn14)")
+    tb = br.TagBridge(text_tower)
+    tags = tb.clip_tags([audio_table.tags(c) for c in cands])
+    cos = tb.cosines(texts)
+    t_curve = [(float(t), br.mean_ap_at_k(br.softmax_rows(cos, t) @ tags.T, rel, k))
+               for t in br.TEMPERATURE_GRID]
+    temp = max(t_curve, key=lambda tm: tm[1])[0]
+    out = {br.EXTRA_BRIDGE_TEMPERATURE: temp, "temperature_curve": t_curve,
+           "n_queries": len(texts), "n_clips": len(cands)}
+    if scorer == "hybrid":
+        bridge_scores = br.softmax_rows(cos, temp) @ tags.T
+        if seqs is None:
+            seqs = encode_texts(text_tower, texts)
+        adapter = score_matrix(model, audio_table, cands, seqs)
+        w_curve = br.hybrid_weight_curve(adapter, bridge_scores, rel, k=k)
+        out[br.EXTRA_HYBRID_WEIGHT] = max(w_curve, key=lambda wm: wm[1])[0]
+        out["weight_curve"] = w_curve
+    return out
+
+
+def store_tuned(model, tuned: dict, out_dir, *, data: str | None = None) -> None:
+    """Write the tuned values into ``model.extras`` and re-save the model in ``out_dir``."""
+    for key in (br.EXTRA_BRIDGE_TEMPERATURE, br.EXTRA_HYBRID_WEIGHT):
+        if key in tuned:
+            model.extras[key] = float(tuned[key])
+    best_t = dict(tuned["temperature_curve"]).get(tuned[br.EXTRA_BRIDGE_TEMPERATURE])
+    info = {"data": data, "n_queries": tuned["n_queries"], "n_clips": tuned["n_clips"],
+            "bridge_mAP@10": best_t}
+    if "weight_curve" in tuned:
+        info["hybrid_mAP@10"] = dict(tuned["weight_curve"]).get(tuned[br.EXTRA_HYBRID_WEIGHT])
+    model.extras[EXTRA_TUNED_ON] = info
+    model.save(Path(out_dir))
+
+
+def _text_tower_for(text_info):
+    from atae.towers.registry import TEXT_TOWERS, get_text_tower
+
+    if text_info.name not in TEXT_TOWERS:
+        raise DataError(f"text tower {text_info.name!r} is a local folder: cannot rebuild it here",
+                        fix="run `atae tune RUN --csv C --audio-dir D --text-weights DIR`")
+    opts = {k: text_info.options[k] for k in ("layer", "max_length") if k in text_info.options}
+    return get_text_tower(text_info.name, **opts)
+
+
+def tune_after_training(model, val_src, out_dir, *, text_tower=None) -> dict:
+    """The post-training hook of ``run_recipe``: tune and store when the validation clips have tags.
+
+    Returns a small summary for the run's ``train_summary`` (``{"skipped": why}`` when the tower has no
+    AudioSet head or the text tower cannot be rebuilt; a trained model is never lost over tuning)."""
+    dataset, audio_table, text_table = val_src
+    keys = [c.key for c in dataset.clips if c.key in audio_table]
+    if not has_tags(audio_table, keys):
+        return {"skipped": "the audio tower has no AudioSet head"}
+    try:
+        if text_tower is None:
+            text_tower = _text_tower_for(model.text_info)
+        tuned = tune_on_dataset(dataset, audio_table, text_tower, model=model, text_table=text_table)
+    except Exception as e:  # noqa: BLE001 - tuning is an extra; the trained model is already saved
+        return {"skipped": f"{type(e).__name__}: {e}"}
+    store_tuned(model, tuned, out_dir, data=getattr(dataset, "name", None))
+    return {k: tuned[k] for k in (br.EXTRA_BRIDGE_TEMPERATURE, br.EXTRA_HYBRID_WEIGHT)}

@@ -1,0 +1,85 @@
+"""HF text tower query cache: single-text results are reused bitwise, batches bypass it, LRU eviction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from atae.towers.hf_text import HFTextTower
+
+WORDS = "a dog barks the cat sleeps rain falls on roof loud quiet bird sings".split()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random RoBERTa with a word-level tokenizer, saved to a folder (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaModel
+
+    root = tmp_path_factory.mktemp("tiny_roberta_cache")
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>",
+                                                       special_tokens=[("<s>", 0), ("</s>", 2)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="<pad>").save_pretrained(root)
+    cfg = RobertaConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=40, pad_token_id=1, bos_token_id=0,
+                        eos_token_id=2)
+    torch.manual_seed(0)
+    RobertaModel(cfg).eval().save_pretrained(root)
+    return root, vocab
+
+
+def _reference(root, vocab, text):
+    """Second method: ids by hand, the saved model run alone, penultimate hidden state."""
+    from transformers import RobertaModel
+
+    ids = torch.tensor([[0] + [vocab[w] for w in text.split()] + [2]])
+    with torch.no_grad():
+        return RobertaModel.from_pretrained(root).eval()(input_ids=ids, output_hidden_states=True) \
+            .hidden_states[-2][0].numpy()
+
+
+def test_cached_equals_uncached_bitwise(tiny):
+    root, vocab = tiny
+    cached, plain = HFTextTower(root), HFTextTower(root, cache_size=0)
+    text = "a dog barks on the roof"
+    first = cached.encode([text])[0]
+    second = cached.encode([text])[0]
+    assert (cached.cache_hits, cached.cache_misses) == (1, 1)
+    uncached = plain.encode([text])[0]
+    assert plain.cache_hits == plain.cache_misses == 0
+    assert np.array_equal(first, second) and np.array_equal(second, uncached)
+    assert second.dtype == np.float32 and second.flags.writeable
+    np.testing.assert_allclose(second, _reference(root, vocab, text), atol=1e-5)
+
+
+def test_caller_writes_do_not_reach_the_cache(tiny):
+    root, vocab = tiny
+    tower = HFTextTower(root)
+    z = tower.encode(["rain falls"])[0]
+    z[:] = 0.0
+    again = tower.encode(["rain falls"])[0]
+    assert tower.cache_hits == 1
+    np.testing.assert_allclose(again, _reference(root, vocab, "rain falls"), atol=1e-5)
+
+
+def test_lru_eviction_and_batches_bypass(tiny):
+    root, _ = tiny
+    tower = HFTextTower(root, cache_size=2)
+    for t in ("a dog", "the cat", "a dog", "bird sings"):  # "a dog" touched again: "the cat" is evicted
+        tower.encode([t])
+    assert (tower.cache_hits, tower.cache_misses) == (1, 3)
+    assert list(tower._cache) == ["a dog", "bird sings"]
+    tower.encode(["the cat"])
+    assert tower.cache_misses == 4 and list(tower._cache) == ["bird sings", "the cat"]
+    batch = tower.encode(["the cat", "loud rain"])  # batches neither read nor fill the cache
+    assert (tower.cache_hits, tower.cache_misses) == (1, 4) and "loud rain" not in tower._cache
+    assert batch[0].shape == tower.encode(["the cat"])[0].shape
+    tower.clear_cache()
+    assert not tower._cache
