@@ -82,7 +82,13 @@ function render(results) {
     let jumped = false;
     audio.addEventListener("play", () => {
       for (const a of document.querySelectorAll("audio")) if (a !== audio) a.pause();
-      if (!jumped && !whole) { jumped = true; audio.currentTime = r.start_s; }
+      if (!jumped && !whole) {
+        jumped = true;
+        // with preload="none" the first play starts before metadata: a seek then may be dropped,
+        // so seek once the duration is known (the server answers range requests)
+        const seek = () => { audio.currentTime = r.start_s; };
+        if (audio.readyState >= 1) seek(); else audio.addEventListener("loadedmetadata", seek, { once: true });
+      }
     });
     audio.addEventListener("timeupdate", () => {
       if (!r.duration) return;
