@@ -23,6 +23,9 @@ Per size and index kind (flat = exact IndexFlatIP, hnsw = IndexHNSWFlat with the
   library's default efSearch (``vectors.HNSW_EF_SEARCH``), and the smallest efSearch reaching 0.98 is
   reported too;
 * ratios: exact / HNSW search p50 and the share of the text query spent encoding the text.
+Latencies are wall-clock; most also have a ``*_cpu_p50_ms`` twin (process CPU time per query): on a
+shared, loaded machine the wall time includes waiting for a core, the CPU time is what a query costs
+on an idle one.
 ``--hnsw-grid M:efC,...`` also builds those HNSW variants (build time, recall and latency vs efSearch),
 the sweep used to choose the defaults. An HNSW build that would exceed ``--hnsw-budget-s`` is stopped
 and its time extrapolated from the measured insertion rate (reported as such, with no latency/recall).
@@ -77,12 +80,16 @@ def pct(xs, p) -> float:
     return float(np.percentile(np.asarray(xs) * 1000, p))
 
 
-def time_queries(index, queries, params=None) -> tuple[list[float], np.ndarray]:
+def time_queries(index, queries, params=None, cpu: list | None = None) -> tuple[list[float], np.ndarray]:
+    """Wall latency per query (and, into ``cpu``, the process CPU time: on a shared machine the wall time
+    includes waiting for a core, the CPU time is what the query costs on an idle one)."""
     lat, ids = [], []
     for q in queries:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         _, i = index.search(q[None], K, params=params) if params is not None else index.search(q[None], K)
         lat.append(time.perf_counter() - t)
+        if cpu is not None:
+            cpu.append(time.process_time() - c)
         ids.append(i[0])
     return lat, np.stack(ids)
 
@@ -135,15 +142,18 @@ def bench_text_encode(parts, n: int = 60) -> dict:
     out: dict = {"queries": n}
     before = torch.get_num_threads()
     lat: dict[int, list[float]] = {1: [], 2: []}
+    cpu: dict[int, list[float]] = {1: [], 2: []}
     for i in range(n + 2):  # 1 and 2 threads interleaved, so a load change on the machine hits both
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             tt.encode([CAPTIONS[i % len(CAPTIONS)]])
             if i >= 2:  # the first two rounds warm up each thread count
                 lat[threads].append(time.perf_counter() - t)
+                cpu[threads].append(time.process_time() - c)
     for threads, xs in lat.items():
         out[f"encode_{threads}thr_p50_ms"], out[f"encode_{threads}thr_p95_ms"] = pct(xs, 50), pct(xs, 95)
+        out[f"encode_{threads}thr_cpu_p50_ms"] = pct(cpu[threads], 50)
     torch.set_num_threads(1)
     zs = [torch.from_numpy(tt.encode([c])[0])[None] for c in CAPTIONS]
     lat = []
@@ -214,26 +224,31 @@ def hnsw_sweep(index, queries, truth) -> list[dict]:
     faiss.omp_set_num_threads(1)
     sweep = []
     for ef in EF_SWEEP:
-        lat, found = time_queries(index, queries, faiss.SearchParametersHNSW(efSearch=ef))
+        cpu: list[float] = []
+        lat, found = time_queries(index, queries, faiss.SearchParametersHNSW(efSearch=ef), cpu=cpu)
         sweep.append({"efSearch": ef, "recall@10": recall_at_k(found, truth),
-                      "search_p50_ms": pct(lat, 50), "search_p95_ms": pct(lat, 95)})
+                      "search_p50_ms": pct(lat, 50), "search_p95_ms": pct(lat, 95),
+                      "search_cpu_p50_ms": pct(cpu, 50)})
     return sweep
 
 
 def text_query_latency(index, enc, n: int, params=None) -> dict:
     """Text query = encode (tower + adapter) + search, timed per part so the encode share is measured
     on the same queries, not from a separate run."""
-    te, ts = [], []
+    te, ts, ce, cs = [], [], [], []
     for i in range(n):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         q = enc(CAPTIONS[i % len(CAPTIONS)])[None]
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         index.search(q, K, params=params) if params is not None else index.search(q, K)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         te.append(t1 - t0)
         ts.append(t2 - t0)
+        ce.append(c1 - c0)
+        cs.append(c2 - c0)
     return {"text_query_p50_ms": pct(ts, 50), "text_query_p95_ms": pct(ts, 95),
-            "text_encode_share": float(np.sum(te) / np.sum(ts))}
+            "text_query_cpu_p50_ms": pct(cs, 50), "text_encode_share": float(np.sum(te) / np.sum(ts)),
+            "text_encode_share_cpu": float(np.sum(ce) / max(np.sum(cs), 1e-12))}
 
 
 def bench_size(n: int, args, rng, centres, enc) -> dict:
@@ -252,8 +267,10 @@ def bench_size(n: int, args, rng, centres, enc) -> dict:
     flat.add_with_ids(x, ids)
     res["flat"] = {"build_s": time.perf_counter() - t, "bytes_per_item": saved_bytes(flat) / n}
     faiss.omp_set_num_threads(1)
-    lat, truth = time_queries(flat, queries)
-    res["flat"].update({"search_p50_ms": pct(lat, 50), "search_p95_ms": pct(lat, 95)})
+    cpu: list[float] = []
+    lat, truth = time_queries(flat, queries, cpu=cpu)
+    res["flat"].update({"search_p50_ms": pct(lat, 50), "search_p95_ms": pct(lat, 95),
+                        "search_cpu_p50_ms": pct(cpu, 50)})
     if enc is not None:
         res["flat"].update(text_query_latency(flat, enc, n_text))
     print("flat", {k: round(v, 3) for k, v in res["flat"].items()}, flush=True)
@@ -283,6 +300,7 @@ def bench_size(n: int, args, rng, centres, enc) -> dict:
         ok = [s for s in sweep if s["recall@10"] >= 0.98]
         info.update({"efSearch": V.HNSW_EF_SEARCH, "recall@10": default["recall@10"],
                      "search_p50_ms": default["search_p50_ms"], "search_p95_ms": default["search_p95_ms"],
+                     "search_cpu_p50_ms": default["search_cpu_p50_ms"],
                      "min_efSearch_recall_0.98": ok[0]["efSearch"] if ok else None})
         if enc is not None:
             info.update(text_query_latency(index, enc, n_text,
@@ -295,9 +313,10 @@ def bench_size(n: int, args, rng, centres, enc) -> dict:
 
 def hnsw_sweep_one(index, queries, truth, ef: int) -> dict:
     faiss.omp_set_num_threads(1)
-    lat, found = time_queries(index, queries, faiss.SearchParametersHNSW(efSearch=ef))
+    cpu: list[float] = []
+    lat, found = time_queries(index, queries, faiss.SearchParametersHNSW(efSearch=ef), cpu=cpu)
     return {"efSearch": ef, "recall@10": recall_at_k(found, truth), "search_p50_ms": pct(lat, 50),
-            "search_p95_ms": pct(lat, 95)}
+            "search_p95_ms": pct(lat, 95), "search_cpu_p50_ms": pct(cpu, 50)}
 
 
 def ratios(res: dict) -> dict:
@@ -306,9 +325,11 @@ def ratios(res: dict) -> dict:
     h, f = res.get("hnsw", {}), res["flat"]
     if h.get("search_p50_ms"):
         out["flat_over_hnsw_search_p50"] = f["search_p50_ms"] / h["search_p50_ms"]
+        out["flat_over_hnsw_search_cpu_p50"] = f["search_cpu_p50_ms"] / max(h["search_cpu_p50_ms"], 1e-6)
     for kind, r in (("flat", f), ("hnsw", h)):
         if "text_encode_share" in r:
             out[f"{kind}_text_encode_share"] = r["text_encode_share"]
+            out[f"{kind}_text_encode_share_cpu"] = r["text_encode_share_cpu"]
     return out
 
 
@@ -372,11 +393,12 @@ def bench_product_search(n: int, rng, centres, queries: int = 50, index: str = "
         embed_s = time.perf_counter() - t
         kind = lib.index.kind
         lib.search("warm up", k=10)
-        lat = []
+        lat, cpu = [], []
         for i in range(queries):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             lib.search(CAPTIONS[i % len(CAPTIONS)] + f" {i}", k=10)
             lat.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
         rep = []  # the same queries again: the text tower's LRU cache answers the encode
         for i in range(queries):
             t = time.perf_counter()
@@ -393,6 +415,7 @@ def bench_product_search(n: int, rng, centres, queries: int = 50, index: str = "
         "sqlite_mb": db_mb,
         "search_p50_ms": pct(lat, 50),
         "search_p95_ms": pct(lat, 95),
+        "search_cpu_p50_ms": pct(cpu, 50),
         "repeated_query_p50_ms": pct(rep, 50),
     }
     print("product search", out, flush=True)
@@ -457,6 +480,12 @@ def plot(results: list[dict], path: Path) -> None:
             alpha=0.35,
             label=f"{kind}: search p95",
         )
+        if all("search_cpu_p50_ms" in p[1] for p in pts):
+            ax.plot(ns, [p[1]["search_cpu_p50_ms"] for p in pts], style[0] + ":", color=color,
+                    label=f"{kind}: search CPU-time p50")
+        if all("text_query_cpu_p50_ms" in p[1] for p in pts):
+            ax.plot(ns, [p[1]["text_query_cpu_p50_ms"] for p in pts], style[0] + "-.", color=color, alpha=0.6,
+                    label=f"{kind}: text query CPU-time p50")
         if all("text_query_p50_ms" in p[1] for p in pts):
             ax.plot(
                 ns,

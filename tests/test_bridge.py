@@ -461,3 +461,166 @@ def test_real_tags_and_minilm_find_the_right_clip(shared, minilm):
                 "a baby is crying", "a clock ticks"]
     for queries in (names, captions):
         assert list(bridge.scores(queries, tags.astype(np.float32)).argmax(axis=1)) == list(range(6))
+
+
+# ------------------------------------------------------------------------------------ fast exact hybrid
+def _moments_by_hand(rows, q):
+    s = [sum(float(x) * float(y) for x, y in zip(r, q, strict=True)) for r in rows]
+    mu = sum(s) / len(s)
+    return mu, math.sqrt(sum((x - mu) ** 2 for x in s) / len(s))
+
+
+@pytest.mark.parametrize("offset", [0.0, 30.0])
+def test_row_moments_closed_form_equals_row_mean_and_std(offset):
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((700, 12)) + offset).astype(np.float32)  # offset: mean >> spread
+    mom = br.RowMoments.of(x, chunk=64)  # many chunks: the shifted accumulation is exercised
+    for _ in range(4):
+        q = rng.standard_normal(12)
+        mu, sd = _moments_by_hand(x, q)
+        got_mu, got_sd = mom.moments(q)
+        assert got_mu == pytest.approx(mu, rel=1e-5, abs=1e-5)
+        assert got_sd == pytest.approx(sd, rel=1e-5)
+        dense = x.astype(np.float64) @ q  # and numpy's own row statistics of the dense scores
+        assert got_mu == pytest.approx(dense.mean(), rel=1e-5, abs=1e-5)
+        assert got_sd == pytest.approx(dense.std(), rel=1e-5)
+    assert mom.n == 700
+    const = br.RowMoments.of(np.tile(x[:1], (50, 1)))  # identical rows: std 0, so zscore_rows' zero row
+    assert const.moments(rng.standard_normal(12))[1] < 1e-12
+    assert br.RowMoments(5).moments(np.ones(5)) == (0.0, 0.0)
+
+
+def _z_documented(row):
+    """z-scores with zscore_rows' documented rule: a row whose std is <= 1e-12 (constant up to rounding,
+    e.g. the mean of identical floats off by an ulp) becomes zeros."""
+    n = len(row)
+    mu = sum(row) / n
+    sd = math.sqrt(sum((x - mu) ** 2 for x in row) / n)
+    return [0.0 if sd <= 1e-12 else (x - mu) / sd for x in row]
+
+
+def _brute_hybrid(v, q, t, d, w):
+    """Hybrid over every clip with plain loops: per-row z-scores (population std, 0 for a constant row)."""
+    a = [sum(float(x) * float(y) for x, y in zip(r, q, strict=True)) for r in v]
+    b = [sum(float(x) * float(y) for x, y in zip(r, d, strict=True) if y) for r in t]
+    za, zb = _z_documented(a), _z_documented(b)
+    s = [w * x + (1 - w) * y for x, y in zip(za, zb, strict=True)]
+    return s
+
+
+def _fast_hybrid(v, q, t, d, w, k, **kw):
+    a = v.astype(np.float64) @ q
+    index = br.TagSearchIndex(t)
+    coef = br.hybrid_coefficients(br.RowMoments.of(v).moments(q), index.moments(d), w)
+    calls = []
+
+    def adapter_top(n):
+        calls.append(n)
+        order = np.lexsort((np.arange(len(a)), -a))[:n]
+        return order, a[order]
+
+    stats = {}
+    pos, sc = br.hybrid_top_k(k, len(a), coef, adapter_top=adapter_top,
+                              adapter_at=lambda p: v[p].astype(np.float64) @ q,
+                              bridge_top=lambda n: index.top_k(d, n), bridge_at=lambda p: index.exact(d, p),
+                              bridge_above=lambda t, limit: index.above(d, t, limit), stats=stats, **kw)
+    return pos, sc, stats
+
+
+def _libraries():
+    """(name, vectors, query, tags, distribution): random, and adversarial ones with exact ties (dyadic
+    values, so duplicated clips score bit-identically), constant tags, constant vectors."""
+    rng = np.random.default_rng(21)
+    out = []
+    for seed in range(3):
+        r = np.random.default_rng(seed)
+        v = r.standard_normal((900, 16)).astype(np.float32)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        out.append((f"random{seed}", v, r.standard_normal(16), _corpus(seed, n=900), _dist(seed, 0.03)))
+    # ties: 300 distinct clips, each present three times, values on a 1/8 grid
+    base_v = rng.integers(-4, 5, (300, 16)).astype(np.float32) / 8
+    base_t = rng.integers(0, 9, (300, br.N_LABELS)).astype(np.float32) / 8
+    d = np.zeros(br.N_LABELS)
+    d[[3, 40, 41, 200]] = [0.5, 0.25, 0.125, 0.125]
+    q = rng.integers(-4, 5, 16) / 4
+    perm = rng.permutation(900)
+    out.append(("ties", np.tile(base_v, (3, 1))[perm], q, np.tile(base_t, (3, 1))[perm], d))
+    out.append(("constant-tags", out[0][1], out[0][2], np.full((900, br.N_LABELS), 0.25, np.float32), d))
+    out.append(("constant-vectors", np.tile(out[0][1][:1], (900, 1)), out[0][2], out[0][3], out[0][4]))
+    return out
+
+
+@pytest.mark.parametrize("lib", _libraries(), ids=lambda lib: lib[0])
+@pytest.mark.parametrize("w", [0.0, 0.3, 0.5, 1.0])
+def test_fast_hybrid_top_k_equals_brute_force(lib, w):
+    _, v, q, t, d = lib
+    dense = _brute_hybrid(v, q, t, d, w)
+    for k in (1, 10, 37):
+        want = sorted(range(len(dense)), key=lambda c: (-dense[c], c))[:k]
+        pos, sc, _ = _fast_hybrid(v, q, t, d, w, k)
+        assert list(pos) == want
+        np.testing.assert_allclose(sc, [dense[c] for c in want], rtol=1e-5, atol=1e-5)
+    # the library's reference (hybrid_scores) agrees with the loops as well
+    ref = br.hybrid_scores((v.astype(np.float64) @ q)[None], (t.astype(np.float64) @ d)[None], w)[0]
+    np.testing.assert_allclose(ref, dense, rtol=1e-4, atol=1e-5)
+
+
+def test_fast_hybrid_skips_most_clips_and_widens_when_the_bound_fails():
+    _, v, q, t, d = _libraries()[0]
+    dense = _brute_hybrid(v, q, t, d, 0.5)
+    want = sorted(range(len(dense)), key=lambda c: (-dense[c], c))[:10]
+    pos, _, st = _fast_hybrid(v, q, t, d, 0.5, 10)
+    assert list(pos) == want and not st["dense"] and st["candidates"] < len(v) // 2
+    pos, _, st = _fast_hybrid(v, q, t, d, 0.5, 10, factor=1, min_n=1)  # a short adapter list
+    assert list(pos) == want
+    # the best clip on the mix is in neither side's short list: 40 clips strong on the adapter only,
+    # 40 on the bridge only, clip 0 good on both, 300 weak on both
+    a = np.r_[0.6, 1.0 - 0.001 * np.arange(40), np.zeros(40), 0.1 * np.random.default_rng(1).random(300)]
+    b = np.r_[0.6, np.zeros(40), 1.0 - 0.001 * np.arange(40), 0.1 * np.random.default_rng(2).random(300)]
+    za, zb = _z_documented(list(a)), _z_documented(list(b))
+    mix = [0.5 * x + 0.5 * y for x, y in zip(za, zb, strict=True)]
+    assert max(range(len(mix)), key=mix.__getitem__) == 0
+    coef = br.hybrid_coefficients((a.mean(), a.std()), (b.mean(), b.std()), 0.5)
+    asked = []
+
+    def above(thr, limit):  # every clip with b >= thr, by a plain loop; None past the limit
+        asked.append(thr)
+        hits = [c for c in range(len(b)) if b[c] >= thr]
+        return None if len(hits) > limit else (np.array(hits, np.int64), b[hits])
+
+    def top(s):
+        return lambda n: (np.argsort(-s, kind="stable")[:n], np.sort(s)[::-1][:n])
+
+    st = {}
+    pos, sc = br.hybrid_top_k(1, len(a), coef, adapter_top=top(a), adapter_at=lambda p: a[p],
+                              bridge_top=top(b), bridge_at=lambda p: b[p], bridge_above=above,
+                              factor=1, min_n=8, stats=st)
+    assert list(pos) == [0] and sc[0] == pytest.approx(mix[0], rel=1e-5)
+    # N = 8: the 40 bridge-strong clips and clip 0 pass the threshold, more than 4 N = 32: widen
+    assert st["rounds"] >= 2 and not st["dense"] and len(asked) == st["rounds"]
+
+
+def test_search_index_above_returns_every_clip_over_the_threshold():
+    tags = _corpus(5, n=800)
+    index = br.TagSearchIndex(tags, max_labels=3)
+    d = _dist(5, 0.03)
+    b = [sum(float(d[lab]) * float(tags[c, lab]) for lab in range(527)) for c in range(800)]
+    sb = sorted(b)
+    for thr in (sb[-40] + sb[-41]) / 2, sb[-1] + 1.0, (sb[400] + sb[401]) / 2:  # between two clips' scores
+        pos, sc = index.above(d, thr)
+        assert list(pos) == [c for c in range(800) if b[c] >= thr]
+        np.testing.assert_allclose(sc, [b[c] for c in pos], rtol=1e-5)
+    assert index.above(d, sb[400], limit=10) is None
+
+
+def test_hybrid_coefficients_and_bad_input():
+    alpha, beta, const = br.hybrid_coefficients((0.2, 0.5), (0.1, 0.04), 0.3)
+    assert alpha == pytest.approx(0.3 / 0.5) and beta == pytest.approx(0.7 / 0.04)
+    assert const == pytest.approx(-0.3 / 0.5 * 0.2 - 0.7 / 0.04 * 0.1)
+    assert br.hybrid_coefficients((0.2, 0.0), (0.1, 0.04), 0.3)[0] == 0.0  # constant adapter row
+    with pytest.raises(AtaeError):
+        br.hybrid_coefficients((0, 1), (0, 1), 1.2)
+    # both rows constant: every clip scores 0, lowest positions first (as hybrid_scores + stable sort)
+    pos, sc = br.hybrid_top_k(3, 10, (0.0, 0.0, 0.0), adapter_top=None, bridge_top=None,
+                              adapter_at=None, bridge_at=None, bridge_above=None)
+    assert list(pos) == [0, 1, 2] and list(sc) == [0.0, 0.0, 0.0]

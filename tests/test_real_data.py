@@ -58,7 +58,7 @@ class NoTags:
 
 
 @pytest.fixture(scope="module")
-def setup(shared, tmp_path_factory):
+def trained(shared, tmp_path_factory):
     import torch
 
     from atae.data import read_caption_csv
@@ -87,25 +87,26 @@ def setup(shared, tmp_path_factory):
             "audio_tower": audio_tower, "text_tower": text_tower, "run": run}
 
 
-def test_esc50_fold4_class_queries_far_above_chance(setup):
+def test_esc50_fold4_class_queries_far_above_chance(trained):
     from atae.evaluate import encode_texts, score_matrix
 
-    keys = setup["test"].keys()
-    cats = [setup["category"][Path(k).stem] for k in keys]
+    keys = trained["test"].keys()
+    cats = [trained["category"][Path(k).stem] for k in keys]
     classes = sorted(set(cats))
     assert len(keys) == 400 and len(classes) == 50  # fold 4: 8 clips of each of the 50 classes
     relevant = [{j for j, c in enumerate(cats) if c == cl} for cl in classes]
     queries = [cl.replace("_", " ") for cl in classes]
-    scores = score_matrix(setup["model"], setup["atab"], keys, encode_texts(setup["text_tower"], queries))
+    seqs = encode_texts(trained["text_tower"], queries)
+    scores = score_matrix(trained["model"], trained["atab"], keys, seqs)
     got = mean_ap(scores, relevant)
     rand = chance(scores.shape, relevant)
     # chance is ~0.01-0.02 (8 relevant of 400); a trained model that had learnt nothing would sit there
     assert got > 10 * rand.mean(), (got, rand.mean())
     assert got > rand.max() + 0.3, (got, rand.max())
-    assert setup["run"].stages[0].best_score > 0.05  # the validation curve itself left chance
+    assert trained["run"].stages[0].best_score > 0.05  # the validation curve itself left chance
 
 
-def test_audiocaps_free_text_far_above_chance(setup, shared):
+def test_audiocaps_free_text_far_above_chance(trained, shared):
     """215 real captions over 43 clips: zero-shot bridge and the ESC-trained adapters (transferred)."""
     from atae.bridge import TagBridge
     from atae.data import read_caption_csv
@@ -114,8 +115,9 @@ def test_audiocaps_free_text_far_above_chance(setup, shared):
 
     root = shared / "data/audiocaps/captioned_val"
     ds = read_caption_csv(root / "captions.csv", root / "audio")
-    feats = setup["tmp"] / "feats"
-    atab, _, _ = ensure_dataset_features(ds, setup["audio_tower"], setup["text_tower"], feats, progress=False)
+    feats = trained["tmp"] / "feats"
+    tt = trained["text_tower"]
+    atab, _, _ = ensure_dataset_features(ds, trained["audio_tower"], tt, feats, progress=False)
     keys = ds.keys()
     texts = [c for clip in ds.clips for c in clip.captions]
     relevant = [{j} for j, clip in enumerate(ds.clips) for _ in clip.captions]
@@ -124,9 +126,9 @@ def test_audiocaps_free_text_far_above_chance(setup, shared):
     analytic = sum(1 / r for r in range(1, 11)) / len(keys)
     rand = chance((len(texts), len(keys)), relevant, draws=200)
     assert abs(rand.mean() - analytic) < 0.01  # the simulation agrees with the closed form
-    br = TagBridge(setup["text_tower"])
+    br = TagBridge(trained["text_tower"])
     bridge = br.scores(texts, br.clip_tags([atab.tags(k) for k in keys]))
-    adapter = score_matrix(setup["model"], atab, keys, encode_texts(setup["text_tower"], texts))
+    adapter = score_matrix(trained["model"], atab, keys, encode_texts(trained["text_tower"], texts))
     for name, s in (("bridge", bridge), ("transferred adapters", adapter)):
         got = mean_ap(s, relevant)
         assert got > 3 * analytic, (name, got, analytic)

@@ -201,3 +201,68 @@ def test_dataset_mode_scorers(tmp_path):
     nohead = _run_dir(tmp_path / "nohead-run", NoHead().info)
     code, out = _cli("search", nohead, "mid", "--csv", c, "--audio-dir", audio, "--scorer", "bridge")
     assert code == 2 and "no AudioSet head" in out and "Traceback" not in out
+
+
+def _tone_mix(path, seconds: float, seed: int):
+    """Every 0.5 s two random bands at random amplitudes: segment vectors and tags vary continuously."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    sr, n = 8000, int(seconds * 8000)
+    t = np.arange(n) / sr
+    x = 0.001 * rng.standard_normal(n)
+    for a in range(0, n, sr // 2):
+        for _ in range(2):
+            f = 125 + 250 * int(rng.integers(0, 16))
+            x[a:a + sr // 2] += rng.random() * 0.3 * np.sin(2 * np.pi * f * t[a:a + sr // 2])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, x.astype(np.float32), sr)
+
+
+def test_fast_hybrid_through_the_library_equals_brute_force(tmp_path):
+    """HybridScorer.top against every segment scored with loops here: WordTower gives zero label
+    embeddings, so the query's label distribution is uniform and b = the mean of a segment's stored tags;
+    the query "high" is the one-hot of the HIGH band, so a = the segment vector's entry in that band."""
+    import faiss
+
+    from atae.library.scorers import HybridScorer
+
+    for i in range(4):
+        _tone_mix(tmp_path / "sounds" / f"m{i}.wav", 30.0, seed=i)
+    lib = Library.open(tmp_path / "lib", create=True, audio_tower=BandTower(), text_tower=WordTower(),
+                       model=IdentityModel(), long_s=2.0, window_s=0.5, hop_s=0.25)
+    lib.add([tmp_path / "sounds"])
+    rows = lib.db.conn.execute("SELECT id, tags FROM segments ORDER BY id").fetchall()
+    vi = lib.index
+    vec_of = dict(zip(faiss.vector_to_array(vi.index.id_map).tolist(),
+                      vi.index.index.reconstruct_n(0, vi.ntotal), strict=True))
+    band = int(FREQS["high"] // 250)
+    a = [float(vec_of[sid][band]) for sid, _ in rows]
+    b = [sum(float(x) for x in np.frombuffer(blob, np.float16)) / 527 for _, blob in rows]
+    n = len(rows)
+    assert n > 400  # more than the first candidate lists (256), so the bound has to do the work
+
+    def z(row):
+        mu = sum(row) / n
+        sd = (sum((x - mu) ** 2 for x in row) / n) ** 0.5
+        return [(x - mu) / sd for x in row]
+
+    za, zb = z(a), z(b)
+    for w in (0.0, 0.3, 1.0):
+        lib.model.extras = {br.EXTRA_HYBRID_WEIGHT: w}
+        hs = HybridScorer()
+        mix = [w * x + (1 - w) * y for x, y in zip(za, zb, strict=True)]
+        want = sorted(range(n), key=lambda c: (-mix[c], c))[:7]
+        ids, sc = hs.top(lib, "high", 7)
+        assert list(ids) == [rows[c][0] for c in want]
+        np.testing.assert_allclose(sc, [mix[c] for c in want], rtol=1e-4, atol=1e-4)
+        assert not hs.last_stats["dense"] and hs.last_stats["candidates"] < n  # the fast path ran
+        # no second copy of the vectors: the scorer's state holds nothing with a row per segment x dim
+        (_, index, moments), = [v for v in hs._state.values() if isinstance(v, tuple) and len(v) == 3]
+        assert moments.cov.shape == (16, 16) and index.by_label.shape == (527, n)
+        d_ids, d_sc = hs.score(lib, "high")  # the dense path agrees with the loops too
+        assert list(d_ids) == [r[0] for r in rows]
+        np.testing.assert_allclose(d_sc, mix, rtol=1e-4, atol=1e-4)
+    res = lib.search("high", scorer="hybrid", k=2)
+    assert len(res) == 2 and res[0].score >= res[1].score
+    lib.close()

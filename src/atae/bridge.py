@@ -304,6 +304,10 @@ class TagSearchIndex:
             raise AtaeError("no clips to index")
         n = t.shape[0]
         self.by_label = np.ascontiguousarray(t.T)  # (527, C)
+        # clip-major rows for rescoring a few clips: a column gather from by_label misses the cache on
+        # every element (6 ms for 1280 clips of 100k, 0.6 ms from rows). float32, not the library's
+        # float16: numpy's float16 -> float32 cast costs more than the gather itself.
+        self.by_clip = t
         self.label_max = t.max(axis=0).astype(np.float64)
         self.clip_norm = np.sqrt(np.einsum("cl,cl->c", t, t, dtype=np.float64))
         self.mean = t.mean(axis=0, dtype=np.float64)
@@ -349,8 +353,24 @@ class TagSearchIndex:
         return lower.astype(np.float64), width + 1e-6 * (1.0 + np.abs(lower))
 
     def exact(self, dist: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """Bridge scores of every clip, or of the clips ``rows`` (float32 sums, as float64)."""
         d = np.asarray(dist, dtype=np.float32).reshape(-1)
-        return (d @ self.by_label if rows is None else d @ self.by_label[:, rows]).astype(np.float64)
+        if rows is None:
+            return (d @ self.by_label).astype(np.float64)
+        return (self.by_clip[np.asarray(rows, dtype=np.int64)] @ d).astype(np.float64)
+
+    def above(self, dist: np.ndarray, threshold: float, limit: int | None = None):
+        """(clip indices (sorted), exact scores) of every clip whose bridge score is >= threshold, from the
+        bounds of ``partial`` (only clips whose upper bound reaches it are rescored); None when more than
+        ``limit`` clips' bounds reach it (the caller then asks differently)."""
+        lower, width = self.partial(dist)
+        cand = np.nonzero(lower + width >= threshold)[0]
+        self.last_rescored = int(cand.size)
+        if limit is not None and cand.size > limit:
+            return None
+        exact = self.exact(dist, cand)
+        keep = exact >= threshold
+        return cand[keep], exact[keep]
 
     def top_k(self, dist: np.ndarray, k: int = 10, *, adapter_scores: np.ndarray | None = None,
               weight: float = DEFAULT_HYBRID_WEIGHT) -> tuple[np.ndarray, np.ndarray]:
@@ -424,3 +444,170 @@ def tune_hybrid_weight(adapter_scores: np.ndarray, bridge_scores: np.ndarray, re
     The caller stores it with ``model.extras[EXTRA_HYBRID_WEIGHT] = w`` before saving the model."""
     curve = hybrid_weight_curve(adapter_scores, bridge_scores, relevant, grid, k)
     return max(curve, key=lambda wm: wm[1])[0]
+
+
+# --------------------------------------------------------------------------------------------- fast hybrid
+class RowMoments:
+    """Mean and population covariance of row vectors x_i, so that the mean and std over i of x_i . q
+    are closed form for any q: mean = q . mu, var = q' C q. One pass over the rows (chunks may come
+    from anywhere, e.g. a FAISS index), accumulated around a shift (the first chunk's mean) so that
+    the covariance does not cancel catastrophically when the mean is large against the spread."""
+
+    def __init__(self, dim: int):
+        self.dim = int(dim)
+        self.n = 0
+        self._shift: np.ndarray | None = None
+        self._s1 = np.zeros(self.dim)
+        self._s2 = np.zeros((self.dim, self.dim))
+        self._cached: tuple[np.ndarray, np.ndarray] | None = None
+
+    @classmethod
+    def of(cls, rows: np.ndarray, chunk: int = 8192) -> RowMoments:
+        x = np.asarray(rows)
+        m = cls(x.shape[1])
+        for a in range(0, x.shape[0], chunk):
+            m.add(x[a:a + chunk])
+        return m
+
+    def add(self, rows: np.ndarray) -> None:
+        x = np.asarray(rows, dtype=np.float64).reshape(-1, self.dim)
+        if not len(x):
+            return
+        if self._shift is None:
+            self._shift = x.mean(axis=0)
+        x = x - self._shift
+        self.n += x.shape[0]
+        self._s1 += x.sum(axis=0)
+        self._s2 += x.T @ x
+        self._cached = None
+
+    def _final(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._cached is None:  # once per batch of additions, not per query
+            if not self.n:
+                self._cached = (np.zeros(self.dim), np.zeros((self.dim, self.dim)))
+            else:
+                m = self._s1 / self.n
+                self._cached = (self._shift + m, self._s2 / self.n - np.outer(m, m))
+        return self._cached
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self._final()[0]
+
+    @property
+    def cov(self) -> np.ndarray:
+        """Population covariance (divided by n, matching ``zscore_rows``' population std)."""
+        return self._final()[1]
+
+    def moments(self, q: np.ndarray) -> tuple[float, float]:
+        """(mean, population std) over the rows of x_i . q."""
+        qq = np.asarray(q, dtype=np.float64).reshape(-1)
+        mean, cov = self._final()
+        return float(qq @ mean), float(np.sqrt(max(qq @ cov @ qq, 0.0)))
+
+
+def hybrid_coefficients(adapter_moments: tuple[float, float], bridge_moments: tuple[float, float],
+                        weight: float) -> tuple[float, float, float]:
+    """(alpha, beta, const) with hybrid = alpha * a + beta * b + const, the exact linear form of
+    ``hybrid_scores`` given each row's mean and std over all clips. A side with std <= 1e-12 (a
+    constant row) contributes 0, as in ``zscore_rows``."""
+    if not 0.0 <= weight <= 1.0:
+        raise AtaeError(f"hybrid weight must lie in [0, 1], got {weight}")
+    (mu_a, sd_a), (mu_b, sd_b) = adapter_moments, bridge_moments
+    alpha = weight / sd_a if sd_a > 1e-12 else 0.0
+    beta = (1.0 - weight) / sd_b if sd_b > 1e-12 else 0.0
+    return alpha, beta, -alpha * mu_a - beta * mu_b
+
+
+def hybrid_top_k(k: int, n_clips: int, coefficients: tuple[float, float, float], *,
+                 adapter_top, adapter_at, bridge_top, bridge_above, bridge_at, factor: int = 20,
+                 min_n: int = 256, stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k (clip positions, scores) of h = alpha * a + beta * b + const without scoring every clip.
+
+    Callables (positions are 0..n_clips-1): ``adapter_top(n)`` -> (positions, scores[, floor]) of the
+    n best adapter clips, best first, where floor (default: the n-th score) bounds every clip left
+    out; ``adapter_at(pos)`` / ``bridge_at(pos)``: one side's exact scores of given clips;
+    ``bridge_top(k)`` -> the k best bridge clips (positions, scores); ``bridge_above(t, limit)`` ->
+    (positions, scores) of every clip with b >= t, or None when more than ``limit`` might qualify.
+
+    With alpha, beta > 0: take the adapter's top N (N = max(factor * k, min_n)), rescore them exactly,
+    and let s_k be their k-th best h. A clip outside the list has a <= a_N, so it can reach s_k only if
+    b >= t = (s_k - const - alpha a_N) / beta; ``bridge_above(t)`` returns all such clips (the tag index
+    bounds b cheaply and rescores only clips whose bound reaches t); they are rescored and merged.
+    Every other clip scores below s_k, so the top-k is that of the dense computation, ties broken by
+    lower position (float margins on a_N and t keep clips that tie s_k in the candidates). If too many
+    clips pass t (the adapter list was too short to say much), N grows 4x (one more adapter search);
+    once N covers every clip all clips are scored. alpha = 0 or beta = 0 (weight 0 or 1, or a constant
+    row, which ``zscore_rows`` zeroes) leave one side: its own exact top-k.
+
+    The guarantee is relative to ``adapter_top``: with an approximate index (HNSW) a clip the graph
+    search misses may exceed a_N, so the hybrid is then exact with respect to that index's top N (as
+    approximate as the adapter-only search over the same index)."""
+    alpha, beta, const = (float(c) for c in coefficients)
+    if alpha < 0 or beta < 0:
+        raise ValueError("hybrid coefficients alpha and beta must be >= 0")
+    k = int(min(k, n_clips))
+    if k <= 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    if alpha == 0.0 and beta == 0.0:  # both rows constant: every clip scores 0; lowest positions first
+        return np.arange(k, dtype=np.int64), np.zeros(k, np.float32)
+    if alpha == 0.0:  # the bridge alone orders the clips (an increasing affine map of b)
+        pos, sb = bridge_top(k)
+        if stats is not None:
+            stats.update(rounds=1, n=k, candidates=int(len(pos)), dense=False)
+        return np.asarray(pos, np.int64), (beta * np.asarray(sb, np.float64) + const).astype(np.float32)
+    n = max(int(factor) * k, int(min_n))
+    rounds = 0
+    while True:
+        rounds += 1
+        if n >= n_clips:  # the list would cover every clip: score them all (the dense computation)
+            cand = np.arange(n_clips, dtype=np.int64)
+            s = const + alpha * np.asarray(adapter_at(cand), np.float64)
+            if beta > 0:
+                s += beta * np.asarray(bridge_at(cand), np.float64)
+            order = np.lexsort((cand, -s))[:k]
+            if stats is not None:
+                stats.update(rounds=rounds, n=n_clips, candidates=n_clips, dense=True)
+            return cand[order], s[order].astype(np.float32)
+        pos, sa, floor = _top_list(adapter_top, n)
+        s = const + alpha * sa
+        if beta > 0 and len(pos):
+            s += beta * np.asarray(bridge_at(pos), np.float64)
+        if len(pos) < k:
+            n *= 4
+            continue
+        s_k = float(np.partition(s, len(s) - k)[len(s) - k])
+        a_out = floor + 1e-5 * max(1.0, abs(floor))  # every clip left out has a <= a_out
+        if beta == 0.0:
+            if s_k > const + alpha * a_out:
+                order = np.lexsort((pos, -s))[:k]
+                if stats is not None:
+                    stats.update(rounds=rounds, n=n, candidates=int(len(pos)), dense=False)
+                return pos[order], s[order].astype(np.float32)
+            n *= 4
+            continue
+        t = (s_k - const - alpha * a_out) / beta
+        t -= 1e-5 * max(1.0, abs(t))
+        found = bridge_above(t, 4 * n)
+        if found is None:  # the adapter list bounds too little: lengthen it
+            n *= 4
+            continue
+        pb, sb = np.asarray(found[0], np.int64), np.asarray(found[1], np.float64)
+        new = ~np.isin(pb, pos)
+        pb, sb = pb[new], sb[new]
+        cand = np.concatenate([pos, pb])
+        if len(pb):
+            s = np.concatenate([s, const + beta * sb + alpha * np.asarray(adapter_at(pb), np.float64)])
+        order = np.lexsort((cand, -s))[:k]
+        if stats is not None:
+            stats.update(rounds=rounds, n=n, candidates=int(len(cand)), dense=False)
+        return cand[order], s[order].astype(np.float32)
+
+
+def _top_list(fn, n: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """(positions, scores, floor) of one side's top-n; floor bounds every clip left out (the n-th score,
+    or a third value the side returns, e.g. the n-th FAISS hit when some hits are not hybrid clips)."""
+    out = fn(n)
+    pos, sc = np.asarray(out[0], np.int64), np.asarray(out[1], np.float64)
+    floor = float(out[2]) if len(out) > 2 else (float(sc[-1]) if len(sc) else np.inf)
+    return pos, sc, floor

@@ -11,9 +11,13 @@ Names (the same on the CLI, in the web page and in ``Library.search(..., scorer=
 
 A scorer object has ``top(library, text, n) -> (segment_ids, scores)`` (the n best segments, best
 first) and ``score(library, text)`` (every segment, dense; kept for custom scorers and for tests).
-Bridge and hybrid search go through ``atae.bridge.TagSearchIndex`` (``TagBridge.search``): exact dense
-top-k that reads only the label rows a query needs. Per-library state (tag index, aligned adapter
-vectors) is rebuilt when the library's generation, model or vector index changes.
+Bridge search goes through ``atae.bridge.TagSearchIndex`` (``TagBridge.search``): exact dense top-k that
+reads only the label rows a query needs. Hybrid search (``bridge.hybrid_top_k``) gets each query's
+z-score statistics over all segments in closed form from cached moments (adapter vectors' mean and
+covariance, tags' mean and covariance), which makes the hybrid a linear score; it rescores the union
+of the FAISS adapter top-N and the tag index's top-N and proves the top-k exact by a bound (widening N
+otherwise), so it costs about one adapter search and keeps no second copy of the vectors. Per-library
+state (tag index, moments) is rebuilt when the library's generation, model or vector index changes.
 """
 
 from __future__ import annotations
@@ -131,29 +135,23 @@ class BridgeScorer:
             st["tb"] = bridge.TagBridge(_bridge_text_tower(library, self.text_tower), temperature=temp)
         return st["tb"]
 
-    def _tags(self, library):
-        st = self._fresh(library)
-        if "tags" not in st:
-            ids, tags = library.db.tags_matrix()
-            st["tags"] = (ids, tags)
-        return st["tags"]
-
     def _index(self, library):
+        """(segment ids with tags, their TagSearchIndex); the tag matrix itself is not kept beside it."""
         from atae.bridge import TagSearchIndex
 
         st = self._fresh(library)
         if "index" not in st:
-            ids, tags = self._tags(library)
+            ids, tags = library.db.tags_matrix()
             st["index"] = (ids, TagSearchIndex(tags) if tags is not None and len(ids) else None)
         return st["index"]
 
     def score(self, library, text: str):
         """Every tagged segment's bridge score (dense)."""
         tb = self.bridge(library)
-        ids, tags = self._tags(library)
-        if tags is None or not len(ids):
+        ids, index = self._index(library)
+        if index is None:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        return ids, tb.scores([text], tags)[0]
+        return ids, index.exact(tb.query_distribution([text])[0]).astype(np.float32)
 
     def top(self, library, text: str, n: int):
         """The n best segments (ids, scores), best first; the same as sorting ``score`` (exact)."""
@@ -165,11 +163,48 @@ class BridgeScorer:
         return ids[pos], sc
 
 
+def _cosines(vector_index, ids, q) -> np.ndarray:
+    """Exact adapter cosines of some segment ids (their vectors read back from the FAISS index by id)."""
+    if not len(ids):
+        return np.zeros(0)
+    vecs = vector_index.index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
+    return (vecs @ np.asarray(q, np.float32)).astype(np.float64)  # float32 like FAISS's own scores
+
+
+def fast_hybrid_top(vector_index, ids, tag_index, moments, q, dist, weight: float, n: int, *,
+                    stats: dict | None = None):
+    """The n best (segment ids, hybrid scores) of ``bridge.hybrid_top_k`` over a library's FAISS index.
+
+    ``ids``: sorted segment ids of the hybrid's segments (tags and a vector), rows of ``tag_index``
+    (``bridge.TagSearchIndex``) in that order; ``moments``: ``bridge.RowMoments`` of their vectors;
+    ``q``: the unit query vector; ``dist``: the query's label distribution. FAISS hits outside ``ids``
+    (segments without tags, HNSW tombstones) are skipped but still bound the clips left out."""
+    from atae import bridge
+
+    coef = bridge.hybrid_coefficients(moments.moments(q), tag_index.moments(dist), weight)
+
+    def adapter_top(k):
+        sc, hit = vector_index.search(q, k)
+        pos = np.minimum(np.searchsorted(ids, hit), len(ids) - 1)
+        ok = ids[pos] == hit
+        return pos[ok], sc[ok], (float(sc[-1]) if len(sc) else np.inf)
+
+    pos, sc = bridge.hybrid_top_k(
+        n, len(ids), coef, adapter_top=adapter_top, adapter_at=lambda p: _cosines(vector_index, ids[p], q),
+        bridge_top=lambda k: tag_index.top_k(dist, k), bridge_at=lambda p: tag_index.exact(dist, p),
+        bridge_above=lambda t, limit: tag_index.above(dist, t, limit), stats=stats)
+    return ids[pos], sc
+
+
 class HybridScorer(BridgeScorer):
     """Model cosine and bridge score, each z-scored over the library's segments, mixed by the weight the
     model stores (``atae.bridge.hybrid_weight``)."""
 
     name = "hybrid"
+
+    def __init__(self, text_tower=None):
+        super().__init__(text_tower)
+        self.last_stats: dict = {}  # diagnostics of the last ``top``: rounds, candidates rescored, ...
 
     def _check(self, library):
         from atae import bridge
@@ -183,32 +218,46 @@ class HybridScorer(BridgeScorer):
         return m
 
     def _aligned(self, library):
-        """(ids, tags, vectors) of the segments that have both tags and a vector, with their tag index."""
-        from atae.bridge import TagSearchIndex
+        """Per-generation state of the segments that have both tags and a vector: their ids (sorted), the
+        tag index (with the exact bridge moments), and the adapter vectors' mean and covariance. The
+        vectors themselves stay in the FAISS index (read in chunks here, by id at query time)."""
+        from atae.bridge import RowMoments, TagSearchIndex
 
         st = self._fresh(library)
         if "aligned" not in st:
-            ids, tags = self._tags(library)
+            ids, tags = library.db.tags_matrix()
             vi = library.index
             if tags is None or vi is None or vi.ntotal == 0:
                 st["aligned"] = None
-            else:
-                import faiss
+                return None
+            import faiss
 
-                all_ids = np.asarray(faiss.vector_to_array(vi.index.id_map), dtype=np.int64)
-                vecs = vi.index.index.reconstruct_n(0, vi.ntotal)
-                pos = {int(i): n for n, i in enumerate(all_ids)}
-                keep = np.array([int(i) in pos for i in ids], dtype=bool)
-                ids, tags = ids[keep], tags[keep]
-                v = vecs[[pos[int(i)] for i in ids]] if len(ids) else vecs[:0]
-                st["aligned"] = (ids, tags, v, TagSearchIndex(tags)) if len(ids) else None
+            all_ids = np.asarray(faiss.vector_to_array(vi.index.id_map), dtype=np.int64)
+            keep = np.isin(ids, all_ids)
+            ids, tags = ids[keep], tags[keep]
+            if not len(ids):
+                st["aligned"] = None
+                return None
+            moments = RowMoments(vi.dim)
+            chunk = 16384
+            for a in range(0, vi.ntotal, chunk):
+                m = min(chunk, vi.ntotal - a)
+                rows = vi.index.index.reconstruct_n(a, m)
+                moments.add(rows[np.isin(all_ids[a:a + m], ids)])
+            st["aligned"] = (ids, TagSearchIndex(tags), moments)
         return st["aligned"]
 
-    def _adapter(self, library, text, vecs):
-        q = library.query_vector(text=text)
-        return vecs @ (q / max(float(np.linalg.norm(q)), 1e-12))
+    @staticmethod
+    def _unit(library, text):
+        q = np.asarray(library.query_vector(text=text), dtype=np.float32).reshape(-1)
+        return q / np.float32(max(float(np.linalg.norm(q)), 1e-12))
+
+    @staticmethod
+    def _adapter_at(library, ids, q):
+        return _cosines(library.index, ids, q)
 
     def score(self, library, text: str):
+        """Every aligned segment's hybrid score (dense: ``bridge.hybrid_scores`` over all of them)."""
         from atae import bridge
 
         m = self._check(library)
@@ -216,12 +265,17 @@ class HybridScorer(BridgeScorer):
         al = self._aligned(library)
         if al is None:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        ids, tags, vecs, _ = al
-        a = self._adapter(library, text, vecs)
-        b = tb.scores([text], tags)[0]
+        ids, index, _ = al
+        q = self._unit(library, text)
+        step = 16384
+        a = np.concatenate([self._adapter_at(library, ids[i:i + step], q) for i in range(0, len(ids), step)])
+        b = index.exact(tb.query_distribution([text])[0])
         return ids, bridge.hybrid_scores(a[None], b[None], bridge.hybrid_weight(m))[0]
 
     def top(self, library, text: str, n: int):
+        """The n best segments by the hybrid, exactly as ``score`` ranks them (``bridge.hybrid_top_k``):
+        closed-form per-query z-scores from the cached moments, candidates from the FAISS adapter search
+        and the tag index, rescored exactly. Exact for a flat index; with HNSW exact relative to it."""
         from atae import bridge
 
         m = self._check(library)
@@ -229,10 +283,11 @@ class HybridScorer(BridgeScorer):
         al = self._aligned(library)
         if al is None:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        ids, _, vecs, index = al
-        a = self._adapter(library, text, vecs)
-        pos, sc = tb.search(text, index, n, adapter_scores=a, weight=bridge.hybrid_weight(m))
-        return ids[pos], sc
+        ids, index, moments = al
+        q = self._unit(library, text)
+        dist = tb.query_distribution([text])[0]
+        return fast_hybrid_top(library.index, ids, index, moments, q, dist, bridge.hybrid_weight(m), n,
+                               stats=self.last_stats)
 
 
 SCORERS = {"bridge": BridgeScorer, "hybrid": HybridScorer}

@@ -9,8 +9,10 @@
   is the cost, the query is cheap, so the graph is built lean and searched wide. M=24, efConstruction=48
   builds 2.2x faster than M=32/80 (CPU time at 50k) and, with efSearch=256, keeps recall@10 >= 0.99 at
   200k for ~1.5 ms a query; M=16/40 is cheaper still but falls to recall 0.97 at 200k even at
-  efSearch=256. The parameters live in the saved index, so libraries built with other ones open as they
-  are; only efSearch is set on load.
+  efSearch=256. Known limit: at 1M these vectors reach only recall@10 0.915 (efSearch 256) / 0.925 (512)
+  with M=24/48 (bench/results/library_hnsw_sweep.json); the proxy is a worst case inside each cluster
+  (isotropic 512-d noise), but a 1M library may need a denser graph. The parameters live in the saved
+  index, so libraries built with other ones open as they are; only efSearch is set on load.
 * HNSW cannot delete: removed ids stay in the graph as *tombstones* that the search drops (hits are
   looked up in SQLite anyway); the index is rebuilt when they pass 20 % of its size.
 * Writes are atomic: ``faiss.write_index`` to a temp file in the same folder, fsync, ``os.replace``.

@@ -1,0 +1,186 @@
+"""Hybrid search latency at 100k segments (issue 5: bridge or hybrid within 1.5x the adapter alone).
+
+One query at a time, one thread, top-64 (what ``Library.search`` fetches first for k <= 16):
+
+* adapter: the library's FAISS search alone (``VectorIndex.search``, exact ``IndexFlatIP``)
+* bridge: ``TagSearchIndex.top_k`` (exact, reads only the label rows a query needs)
+* hybrid: ``scorers.fast_hybrid_top`` (the code path of ``HybridScorer.top``): closed-form z-score
+  statistics from cached moments, FAISS top-N + tag top-N, exact rescoring, bound-checked
+* hybrid_previous: the previous path, ``TagSearchIndex.top_k`` with dense numpy adapter scores
+* hybrid_dense: the reference, ``hybrid_scores`` over every segment, then the top 64
+
+Data (synthetic, 512-d unit vectors + 527 tags): 64 "sounds", each a cluster centre in vector space and
+a sparse tag topic. ``correlated``: a segment's vector and tags come from the same sound and a query
+asks for one sound on both sides (the realistic case: adapter and bridge mostly agree). ``independent``:
+the vector's and the tags' sounds are drawn separately (adversarial for the candidate lists).
+Every fast result is checked against the dense reference (ids and scores). Query encoding (text towers)
+is outside every timing. Timings are interleaved so a noisy neighbour affects every variant alike.
+
+    python bench/bench_hybrid.py [--clips 100000] [--queries 20] [--repeat 3] [--out FILE]
+
+(default --out: bench/results/hybrid.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+N_SOUNDS = 64
+TOP = 64
+WEIGHT = 0.5
+
+
+def make_data(n: int, rng, correlated: bool):
+    from atae import bridge as br
+
+    centres = rng.standard_normal((N_SOUNDS, 512)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    topics = (rng.random((N_SOUNDS, br.N_LABELS), dtype=np.float32) ** 8).astype(np.float32)
+    sound_v = rng.integers(0, N_SOUNDS, n)
+    sound_t = sound_v if correlated else rng.integers(0, N_SOUNDS, n)
+    vecs = np.empty((n, 512), np.float32)
+    for a in range(0, n, 16384):
+        s = slice(a, min(a + 16384, n))
+        v = centres[sound_v[s]] + 0.06 * rng.standard_normal((len(sound_v[s]), 512), dtype=np.float32)
+        vecs[s] = v / np.linalg.norm(v, axis=1, keepdims=True)
+    mix = rng.random((n, 1), dtype=np.float32)
+    other = topics[rng.integers(0, N_SOUNDS, n)]
+    tags = np.clip(0.7 * (0.5 + 0.5 * mix) * topics[sound_t] + 0.3 * (1 - mix) * other
+                   + 0.01 * rng.random((n, br.N_LABELS), dtype=np.float32), 0, 1)
+    tags = tags.astype(np.float16).astype(np.float32)  # a library stores tags as float16
+    return centres, topics, vecs, tags
+
+
+def queries(centres, topics, rng, n_q: int):
+    from atae import bridge as br
+
+    out = []
+    for _ in range(n_q):
+        s = int(rng.integers(0, N_SOUNDS))
+        q = centres[s] + 0.05 * rng.standard_normal(512).astype(np.float32)
+        q /= np.linalg.norm(q)
+        cos = rng.uniform(0.0, 0.45, br.N_LABELS)
+        top = np.argsort(-topics[s])[:4]  # the query names the sound's strongest labels
+        cos[top] = [0.9, 0.8, 0.75, 0.7]
+        out.append((q.astype(np.float32), br.softmax_rows(cos[None], br.DEFAULT_TEMPERATURE)[0]))
+    return out
+
+
+def run_case(n: int, correlated: bool, n_q: int, repeat: int, seed: int) -> dict:
+    from atae import bridge as br
+    from atae.library.scorers import fast_hybrid_top
+    from atae.library.vectors import VectorIndex
+
+    rng = np.random.default_rng(seed)
+    centres, topics, vecs, tags = make_data(n, rng, correlated)
+    ids = np.arange(1, n + 1, dtype=np.int64)  # segment ids as SQLite gives them
+    vi = VectorIndex.empty(512, "flat")
+    vi.add(ids, vecs)
+    t0 = time.perf_counter()
+    tag_index = br.TagSearchIndex(tags)
+    tag_build = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    moments = br.RowMoments(512)
+    for a in range(0, n, 16384):  # as HybridScorer does: chunks read back from the FAISS index
+        moments.add(vi.index.index.reconstruct_n(a, min(16384, n - a)))
+    moments_build = time.perf_counter() - t0
+    qs = queries(centres, topics, rng, n_q)
+
+    def top(s):
+        part = np.argpartition(-s, TOP)[:TOP]
+        return part[np.lexsort((part, -s[part]))]
+
+    def adapter(q, d):
+        return vi.search(q, TOP)
+
+    def bridge(q, d):
+        return tag_index.top_k(d, TOP)
+
+    stats: dict = {}
+
+    def hybrid(q, d):
+        return fast_hybrid_top(vi, ids, tag_index, moments, q, d, WEIGHT, TOP, stats=stats)
+
+    def hybrid_previous(q, d):
+        return tag_index.top_k(d, TOP, adapter_scores=vecs @ q, weight=WEIGHT)
+
+    def hybrid_dense(q, d):
+        s = br.hybrid_scores((vecs @ q)[None], (tags @ d)[None], WEIGHT)[0]
+        return top(s)
+
+    # correctness against the dense reference, and the fast path's work per query
+    worst, id_mismatch, rounds, cands = 0.0, 0, [], []
+    for q, d in qs:
+        ref = br.hybrid_scores((vecs.astype(np.float64) @ q)[None], (tags.astype(np.float64) @ d)[None],
+                               WEIGHT)[0].astype(np.float64)
+        want = np.lexsort((np.arange(n), -ref))[:TOP]
+        got_ids, got_sc = hybrid(q, d)
+        worst = max(worst, float(np.abs(got_sc - ref[want]).max()))
+        id_mismatch += int(not np.array_equal(got_ids - 1, want))
+        rounds.append(stats["rounds"])
+        cands.append(stats["candidates"])
+    fns = {"adapter": adapter, "bridge": bridge, "hybrid": hybrid, "hybrid_previous": hybrid_previous,
+           "hybrid_dense": hybrid_dense}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for f in fns.values():
+        f(*qs[0])
+    for _ in range(repeat):
+        for q, d in qs:
+            for k, f in fns.items():
+                t1 = time.perf_counter()
+                f(q, d)
+                times[k].append(time.perf_counter() - t1)
+    res = {"n_segments": n, "case": "correlated" if correlated else "independent", "queries": n_q,
+           "timed_calls_per_variant": n_q * repeat, "top": TOP, "weight": WEIGHT,
+           "tag_index_build_s": tag_build, "vector_moments_build_s": moments_build,
+           "hybrid_rounds_max": int(max(rounds)), "hybrid_candidates_median": float(np.median(cands)),
+           "hybrid_candidates_max": int(max(cands)),
+           "hybrid_max_abs_score_error_vs_dense": worst,
+           "hybrid_queries_with_other_ids_than_dense": id_mismatch,
+           "latency_ms": {}}
+    base50 = float(np.percentile(times["adapter"], 50))
+    for k, v in times.items():
+        p50, p95 = float(np.percentile(v, 50)) * 1e3, float(np.percentile(v, 95)) * 1e3
+        res["latency_ms"][k] = {"p50": p50, "p95": p95, "p50_over_adapter": p50 / (base50 * 1e3)}
+    res["within_1.5x"] = bool(res["latency_ms"]["hybrid"]["p50_over_adapter"] <= 1.5
+                              and res["latency_ms"]["bridge"]["p50_over_adapter"] <= 1.5)
+    return res
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--clips", type=int, default=100_000)
+    ap.add_argument("--queries", type=int, default=20)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "hybrid.json")
+    args = ap.parse_args(argv)
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    result = {"machine": platform.machine(), "python": platform.python_version(), "threads": 1,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cases": []}
+    for correlated in (True, False):
+        r = run_case(args.clips, correlated, args.queries, args.repeat, args.seed)
+        print(json.dumps(r, indent=1))
+        result["cases"].append(r)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print("wrote", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
