@@ -2,7 +2,8 @@
 
 One query at a time, one thread, top-64 (what ``Library.search`` fetches first for k <= 16):
 
-* adapter: the library's FAISS search alone (``VectorIndex.search``, exact ``IndexFlatIP``)
+* adapter: the library's FAISS search alone (``VectorIndex.search``): exact ``IndexFlatIP``, and the
+  HNSW index a library switches to above 50k vectors (``--index``)
 * bridge: ``TagSearchIndex.top_k`` (exact, reads only the label rows a query needs)
 * hybrid: ``scorers.fast_hybrid_top`` (the code path of ``HybridScorer.top``): closed-form z-score
   statistics from cached moments, FAISS top-N + tag top-N, exact rescoring, bound-checked
@@ -78,7 +79,9 @@ def queries(centres, topics, rng, n_q: int):
     return out
 
 
-def run_case(n: int, correlated: bool, n_q: int, repeat: int, seed: int) -> dict:
+def run_case(n: int, correlated: bool, n_q: int, repeat: int, seed: int, kind: str = "flat") -> dict:
+    import faiss
+
     from atae import bridge as br
     from atae.library.scorers import fast_hybrid_top
     from atae.library.vectors import VectorIndex
@@ -86,8 +89,11 @@ def run_case(n: int, correlated: bool, n_q: int, repeat: int, seed: int) -> dict
     rng = np.random.default_rng(seed)
     centres, topics, vecs, tags = make_data(n, rng, correlated)
     ids = np.arange(1, n + 1, dtype=np.int64)  # segment ids as SQLite gives them
-    vi = VectorIndex.empty(512, "flat")
+    t0 = time.perf_counter()
+    vi = VectorIndex.empty(512, kind)
     vi.add(ids, vecs)
+    vector_build = time.perf_counter() - t0
+    faiss.omp_set_num_threads(1)
     t0 = time.perf_counter()
     tag_index = br.TagSearchIndex(tags)
     tag_build = time.perf_counter() - t0
@@ -128,7 +134,7 @@ def run_case(n: int, correlated: bool, n_q: int, repeat: int, seed: int) -> dict
         want = np.lexsort((np.arange(n), -ref))[:TOP]
         got_ids, got_sc = hybrid(q, d)
         worst = max(worst, float(np.abs(got_sc - ref[want]).max()))
-        id_mismatch += int(not np.array_equal(got_ids - 1, want))
+        id_mismatch += int(not np.array_equal(got_ids - 1, want))  # HNSW: exact only relative to it
         rounds.append(stats["rounds"])
         cands.append(stats["candidates"])
     fns = {"adapter": adapter, "bridge": bridge, "hybrid": hybrid, "hybrid_previous": hybrid_previous,
@@ -142,7 +148,8 @@ def run_case(n: int, correlated: bool, n_q: int, repeat: int, seed: int) -> dict
                 t1 = time.perf_counter()
                 f(q, d)
                 times[k].append(time.perf_counter() - t1)
-    res = {"n_segments": n, "case": "correlated" if correlated else "independent", "queries": n_q,
+    res = {"n_segments": n, "case": "correlated" if correlated else "independent", "index": kind,
+           "vector_index_build_s": vector_build, "queries": n_q,
            "timed_calls_per_variant": n_q * repeat, "top": TOP, "weight": WEIGHT,
            "tag_index_build_s": tag_build, "vector_moments_build_s": moments_build,
            "hybrid_rounds_max": int(max(rounds)), "hybrid_candidates_median": float(np.median(cands)),
@@ -165,6 +172,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--queries", type=int, default=20)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--index", default="flat,hnsw", help="vector index kinds to run (comma separated)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "hybrid.json")
     args = ap.parse_args(argv)
     import faiss
@@ -172,10 +180,11 @@ def main(argv: list[str]) -> int:
     faiss.omp_set_num_threads(1)
     result = {"machine": platform.machine(), "python": platform.python_version(), "threads": 1,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cases": []}
-    for correlated in (True, False):
-        r = run_case(args.clips, correlated, args.queries, args.repeat, args.seed)
-        print(json.dumps(r, indent=1))
-        result["cases"].append(r)
+    for kind in args.index.split(","):
+        for correlated in (True, False):
+            r = run_case(args.clips, correlated, args.queries, args.repeat, args.seed, kind)
+            print(json.dumps(r, indent=1))
+            result["cases"].append(r)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print("wrote", args.out)

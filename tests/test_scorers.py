@@ -219,7 +219,8 @@ def _tone_mix(path, seconds: float, seed: int):
     sf.write(path, x.astype(np.float32), sr)
 
 
-def test_fast_hybrid_through_the_library_equals_brute_force(tmp_path):
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_fast_hybrid_through_the_library_equals_brute_force(tmp_path, kind):
     """HybridScorer.top against every segment scored with loops here: WordTower gives zero label
     embeddings, so the query's label distribution is uniform and b = the mean of a segment's stored tags;
     the query "high" is the one-hot of the HIGH band, so a = the segment vector's entry in that band."""
@@ -230,8 +231,9 @@ def test_fast_hybrid_through_the_library_equals_brute_force(tmp_path):
     for i in range(4):
         _tone_mix(tmp_path / "sounds" / f"m{i}.wav", 30.0, seed=i)
     lib = Library.open(tmp_path / "lib", create=True, audio_tower=BandTower(), text_tower=WordTower(),
-                       model=IdentityModel(), long_s=2.0, window_s=0.5, hop_s=0.25)
+                       model=IdentityModel(), long_s=2.0, window_s=0.5, hop_s=0.25, index=kind)
     lib.add([tmp_path / "sounds"])
+    assert lib.index.kind == kind  # HNSW at this size with efSearch >= 256 visits every vector: exact
     rows = lib.db.conn.execute("SELECT id, tags FROM segments ORDER BY id").fetchall()
     vi = lib.index
     vec_of = dict(zip(faiss.vector_to_array(vi.index.id_map).tolist(),

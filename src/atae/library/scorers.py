@@ -172,14 +172,20 @@ def _cosines(vector_index, ids, q) -> np.ndarray:
 
 
 def fast_hybrid_top(vector_index, ids, tag_index, moments, q, dist, weight: float, n: int, *,
-                    stats: dict | None = None):
+                    stats: dict | None = None, **lists):
     """The n best (segment ids, hybrid scores) of ``bridge.hybrid_top_k`` over a library's FAISS index.
 
     ``ids``: sorted segment ids of the hybrid's segments (tags and a vector), rows of ``tag_index``
     (``bridge.TagSearchIndex``) in that order; ``moments``: ``bridge.RowMoments`` of their vectors;
     ``q``: the unit query vector; ``dist``: the query's label distribution. FAISS hits outside ``ids``
-    (segments without tags, HNSW tombstones) are skipped but still bound the clips left out."""
+    (segments without tags, HNSW tombstones) are skipped but still bound the clips left out.
+
+    List length: a flat index scans every vector whatever k, so a long adapter list (20 k) is nearly
+    free and keeps the bridge threshold high; an HNSW search costs in proportion to its list (efSearch
+    >= k), so there the list starts at the adapter's own efSearch (the bound widens it if needed).
+    ``lists``: ``factor`` / ``min_n`` of ``bridge.hybrid_top_k`` to override that choice (benchmarks)."""
     from atae import bridge
+    from atae.library.vectors import HNSW_EF_SEARCH
 
     coef = bridge.hybrid_coefficients(moments.moments(q), tag_index.moments(dist), weight)
 
@@ -192,7 +198,8 @@ def fast_hybrid_top(vector_index, ids, tag_index, moments, q, dist, weight: floa
     pos, sc = bridge.hybrid_top_k(
         n, len(ids), coef, adapter_top=adapter_top, adapter_at=lambda p: _cosines(vector_index, ids[p], q),
         bridge_top=lambda k: tag_index.top_k(dist, k), bridge_at=lambda p: tag_index.exact(dist, p),
-        bridge_above=lambda t, limit: tag_index.above(dist, t, limit), stats=stats)
+        bridge_above=lambda t, limit: tag_index.above(dist, t, limit), stats=stats,
+        **(lists or ({"factor": 1, "min_n": HNSW_EF_SEARCH} if vector_index.kind == "hnsw" else {})))
     return ids[pos], sc
 
 
