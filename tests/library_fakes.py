@@ -115,3 +115,17 @@ def write_tone(path, freq: float | None, seconds: float = 2.0, sr: int = SR, eve
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(path, x.astype(np.float32), sr)
     return path
+
+
+def write_tone_mix(path, seconds: float, seed: int):
+    """Every 0.5 s two random bands with random amplitudes: segment tags vary continuously."""
+    rng = np.random.default_rng(seed)
+    sr, n = 8000, int(seconds * 8000)
+    t = np.arange(n) / sr
+    x = 0.001 * rng.standard_normal(n)
+    for a in range(0, n, sr // 2):
+        for _ in range(2):
+            f = 125 + 250 * int(rng.integers(0, 16))
+            x[a:a + sr // 2] += rng.random() * 0.3 * np.sin(2 * np.pi * f * t[a:a + sr // 2])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, x.astype(np.float32), sr)

@@ -18,7 +18,7 @@ from atae.library import Library
 from atae.model import AlignedModel
 from atae.towers import registry
 from atae.towers.base import TowerInfo
-from library_fakes import FREQS, BandTower, IdentityModel, WordTower, write_tone
+from library_fakes import FREQS, BandTower, IdentityModel, WordTower, write_tone, write_tone_mix
 
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -203,22 +203,6 @@ def test_dataset_mode_scorers(tmp_path):
     assert code == 2 and "no AudioSet head" in out and "Traceback" not in out
 
 
-def _tone_mix(path, seconds: float, seed: int):
-    """Every 0.5 s two random bands at random amplitudes: segment vectors and tags vary continuously."""
-    import soundfile as sf
-
-    rng = np.random.default_rng(seed)
-    sr, n = 8000, int(seconds * 8000)
-    t = np.arange(n) / sr
-    x = 0.001 * rng.standard_normal(n)
-    for a in range(0, n, sr // 2):
-        for _ in range(2):
-            f = 125 + 250 * int(rng.integers(0, 16))
-            x[a:a + sr // 2] += rng.random() * 0.3 * np.sin(2 * np.pi * f * t[a:a + sr // 2])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(path, x.astype(np.float32), sr)
-
-
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])
 def test_fast_hybrid_through_the_library_equals_brute_force(tmp_path, kind):
     """HybridScorer.top against every segment scored with loops here: WordTower gives zero label
@@ -229,7 +213,7 @@ def test_fast_hybrid_through_the_library_equals_brute_force(tmp_path, kind):
     from atae.library.scorers import HybridScorer
 
     for i in range(4):
-        _tone_mix(tmp_path / "sounds" / f"m{i}.wav", 30.0, seed=i)
+        write_tone_mix(tmp_path / "sounds" / f"m{i}.wav", 30.0, seed=i)
     lib = Library.open(tmp_path / "lib", create=True, audio_tower=BandTower(), text_tower=WordTower(),
                        model=IdentityModel(), long_s=2.0, window_s=0.5, hop_s=0.25, index=kind)
     lib.add([tmp_path / "sounds"])

@@ -17,7 +17,7 @@ from atae.cli import main
 from atae.model import AlignedModel
 from atae.towers import registry
 from atae.towers.base import TextTower, TowerInfo
-from library_fakes import FREQS, BandTower, WordTower, write_tone
+from library_fakes import FREQS, BandTower, WordTower, write_tone, write_tone_mix
 from train_fakes import AUDIO_INFO, FakeClip, FakeDataset, FakeTable, make_world
 
 LABELS = br.audioset_labels()
@@ -267,22 +267,6 @@ def test_cli_tune_bad_input_exits_2(tmp_path, fake_registry):
 
 
 # ------------------------------------------------------------------------------------ library fast path
-def _tone_mix(path, seconds: float, seed: int):
-    """Every 0.5 s two random bands with random amplitudes: segment tags vary continuously."""
-    import soundfile as sf
-
-    rng = np.random.default_rng(seed)
-    sr, n = 8000, int(seconds * 8000)
-    t = np.arange(n) / sr
-    x = 0.001 * rng.standard_normal(n)
-    for a in range(0, n, sr // 2):
-        for _ in range(2):
-            f = 125 + 250 * int(rng.integers(0, 16))
-            x[a:a + sr // 2] += rng.random() * 0.3 * np.sin(2 * np.pi * f * t[a:a + sr // 2])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(path, x.astype(np.float32), sr)
-
-
 @pytest.fixture(scope="module")
 def big_lib(tmp_path_factory):
     from atae.library import Library
@@ -290,7 +274,7 @@ def big_lib(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("biglib")
     for i, name in enumerate("abcde"):
-        _tone_mix(root / "sounds" / f"{name}.wav", 40.0, seed=i)
+        write_tone_mix(root / "sounds" / f"{name}.wav", 40.0, seed=i)
     lib = Library.open(root / "lib", create=True, audio_tower=BandTower(), text_tower=WordTower(),
                        model=IdentityModel(), long_s=2.0, window_s=0.5, hop_s=0.25)
     lib.add([root / "sounds"])

@@ -513,3 +513,21 @@ def _explain_load_error(path: Path, e: Exception) -> str:
     if isinstance(e, EOFError) or any(d in msg for d in damaged):
         return f"the file is truncated or is not a PyTorch checkpoint ({msg.strip().splitlines()[0][:120]})"
     return msg.strip().splitlines()[0][:300] if msg.strip() else type(e).__name__
+
+
+def check_state_keys(state: dict, reference: dict, what: str, *, path=None, fix: str | None = None) -> None:
+    """Refuse a state_dict whose keys or shapes differ from ``reference`` (key -> shape), naming a few
+    offenders, so a checkpoint of another model never loads half-way."""
+    missing = [k for k in reference if k not in state]
+    extra = [k for k in state if k not in reference]
+    shape = [f"{k} {tuple(state[k].shape)} != {tuple(reference[k])}" for k in reference
+             if k in state and tuple(state[k].shape) != tuple(reference[k])]
+    if missing or extra or shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s) e.g. {missing[:4]}")
+        if extra:
+            parts.append(f"{len(extra)} unexpected key(s) e.g. {extra[:4]}")
+        if shape:
+            parts.append(f"wrong shapes e.g. {shape[:3]}")
+        raise WeightsError(f"not a {what} state_dict: " + "; ".join(parts), path=path, fix=fix)

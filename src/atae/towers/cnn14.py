@@ -25,6 +25,7 @@ from torch import nn
 
 from atae.errors import AudioError, WeightsError
 from atae.towers.base import AudioEncoding, AudioTower, TowerInfo, encode_by_length, window_spans
+from atae.weights import check_state_keys
 
 SAMPLE_RATE = 32000
 N_FFT = 1024
@@ -285,20 +286,7 @@ def _reference() -> tuple[dict[str, torch.Size], dict[str, torch.Tensor]]:
 def check_state_dict(state: dict[str, torch.Tensor], path: str | Path | None = None) -> None:
     """Refuse a state_dict that is not the 32 kHz / 64-mel / 527-class CNN14, naming offending keys."""
     shapes, front = _reference()
-    missing = [k for k in shapes if k not in state]
-    extra = [k for k in state if k not in shapes]
-    shape = [f"{k} {tuple(state[k].shape)} != {tuple(shapes[k])}" for k in shapes
-             if k in state and state[k].shape != shapes[k]]
-    if missing or extra or shape:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s) e.g. {missing[:4]}")
-        if extra:
-            parts.append(f"{len(extra)} unexpected key(s) e.g. {extra[:4]}")
-        if shape:
-            parts.append(f"wrong shapes e.g. {shape[:3]}")
-        raise WeightsError("not a CNN14 (32 kHz, 64 mels, 527 classes) state_dict: " + "; ".join(parts),
-                           path=path, fix=_FIX)
+    check_state_keys(state, shapes, "CNN14 (32 kHz, 64 mels, 527 classes)", path=path, fix=_FIX)
     for k, ref in front.items():  # frozen tensors: another sample rate / window / mel range shows here
         if not torch.allclose(state[k].float(), ref, atol=1e-4, rtol=1e-3):
             raise WeightsError(f"{k} differs from the 32 kHz CNN14 front end (a CNN14 variant for another "

@@ -29,6 +29,7 @@ from torch import nn
 
 from atae.errors import AudioError, WeightsError
 from atae.towers.base import AudioEncoding, AudioTower, TowerInfo, encode_by_length, window_spans
+from atae.weights import check_state_keys
 
 SAMPLE_RATE = 32000
 N_FFT = 1024
@@ -216,21 +217,8 @@ def load_mn_weights(path: str | Path, size: str = "mn04") -> dict[str, torch.Ten
 
 
 def check_state_dict(state: dict[str, torch.Tensor], size: str, path: str | Path | None = None) -> None:
-    ref = MN(WIDTHS[size]).state_dict()
-    missing = [k for k in ref if k not in state]
-    extra = [k for k in state if k not in ref]
-    shape = [f"{k} {tuple(state[k].shape)} != {tuple(ref[k].shape)}" for k in ref
-             if k in state and state[k].shape != ref[k].shape]
-    if missing or extra or shape:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s) e.g. {missing[:4]}")
-        if extra:
-            parts.append(f"{len(extra)} unexpected key(s) e.g. {extra[:4]}")
-        if shape:
-            parts.append(f"wrong shapes e.g. {shape[:3]}")
-        raise WeightsError(f"not an EfficientAT {size} state_dict: " + "; ".join(parts), path=path,
-                           fix=_fix(size))
+    ref = {k: v.shape for k, v in MN(WIDTHS[size]).state_dict().items()}
+    check_state_keys(state, ref, f"EfficientAT {size}", path=path, fix=_fix(size))
 
 
 # --------------------------------------------------------------------------------------------- tower
