@@ -7,32 +7,13 @@ import pytest
 import torch
 
 from atae.towers.hf_text import HFTextTower
-
-WORDS = "a dog barks the cat sleeps rain falls on roof loud quiet bird sings".split()
+from test_hf_text import _tiny_roberta
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny random RoBERTa with a word-level tokenizer, saved to a folder (no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaModel
-
-    root = tmp_path_factory.mktemp("tiny_roberta_cache")
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    for w in WORDS:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>",
-                                                       special_tokens=[("<s>", 0), ("</s>", 2)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                            pad_token="<pad>").save_pretrained(root)
-    cfg = RobertaConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=40, pad_token_id=1, bos_token_id=0,
-                        eos_token_id=2)
-    torch.manual_seed(0)
-    RobertaModel(cfg).eval().save_pretrained(root)
-    return root, vocab
+    """The tiny random RoBERTa of test_hf_text (word-level tokenizer, saved to a folder, no download)."""
+    return _tiny_roberta(tmp_path_factory.mktemp("tiny_roberta_cache"))
 
 
 def _reference(root, vocab, text):

@@ -279,6 +279,12 @@ def hybrid_weight(model, default: float = DEFAULT_HYBRID_WEIGHT) -> float:
     return float(extras.get(EXTRA_HYBRID_WEIGHT, default))
 
 
+def bridge_temperature(model, default: float = DEFAULT_TEMPERATURE) -> float:
+    """The tuned temperature stored in a model's extras, or ``default`` (also when ``model`` is None)."""
+    extras = getattr(model, "extras", None) or {}
+    return float(extras.get(EXTRA_BRIDGE_TEMPERATURE, default))
+
+
 # --------------------------------------------------------------------------------------------- search
 class TagSearchIndex:
     """Exact top-k bridge / hybrid search over many clips that reads only the labels a query needs.
@@ -418,7 +424,13 @@ def mean_ap_at_k(scores: np.ndarray, relevant: Sequence, k: int = 10) -> float:
 def temperature_curve(bridge: TagBridge, queries: Sequence[str], relevant: Sequence, clip_tags,
                       grid: Sequence[float] = TEMPERATURE_GRID, k: int = 10) -> list[tuple[float, float]]:
     """[(temperature, mAP@k)] over ``grid``; the text tower runs once."""
-    cos = bridge.cosines(queries)
+    return temperature_curve_from_cosines(bridge.cosines(queries), relevant, clip_tags, grid, k)
+
+
+def temperature_curve_from_cosines(cos: np.ndarray, relevant: Sequence, clip_tags,
+                                   grid: Sequence[float] = TEMPERATURE_GRID,
+                                   k: int = 10) -> list[tuple[float, float]]:
+    """:func:`temperature_curve` from (Q, 527) query-label cosines a caller already holds (and reuses)."""
     tags = _check_clip_tags(clip_tags)
     return [(float(t), mean_ap_at_k(softmax_rows(cos, t) @ tags.T, relevant, k)) for t in grid]
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from atae.errors import DataError, ModelError
+from atae.features import caption_key
 from atae.model import AlignedModel, atomic_write_text
 
 TOP_K = 10
@@ -186,7 +187,7 @@ def dataset_queries(dataset, audio_table, text_table):
         j = len(cands)
         cands.append(c.key)
         for i, cap in enumerate(c.captions):
-            k = f"{c.key}#{i}"
+            k = caption_key(c.key, i)
             if k not in text_table:
                 problems.append(f"{k}: no text features, caption left out")
                 continue
@@ -267,16 +268,22 @@ def towers_for_model(model: AlignedModel, *, audio_weights=None, text_weights=No
     return audio, text
 
 
+def audio_files(audio_dir: Path) -> list[Path]:
+    """Every audio file under ``audio_dir`` (recursive), sorted so keys and candidate order are stable."""
+    from atae.audio import AUDIO_EXTENSIONS
+
+    return sorted(p for p in Path(audio_dir).rglob("*")
+                  if p.is_file() and p.suffix.lower().lstrip(".") in AUDIO_EXTENSIONS)
+
+
 def folder_dataset(audio_dir) -> object:
     """A caption-less dataset of every audio file under ``audio_dir`` (keys: relative POSIX paths)."""
-    from atae.audio import AUDIO_EXTENSIONS
     from atae.data import CaptionDataset, Clip
 
     audio_dir = Path(audio_dir)
     if not audio_dir.is_dir():
         raise DataError("audio folder not found", path=audio_dir, fix="check --audio-dir")
-    files = sorted(p for p in audio_dir.rglob("*")
-                   if p.is_file() and p.suffix.lower().lstrip(".") in AUDIO_EXTENSIONS)
+    files = audio_files(audio_dir)
     if not files:
         raise DataError("no audio files found", path=audio_dir, fix="check --audio-dir")
     return CaptionDataset(audio_dir.name, [Clip(p.relative_to(audio_dir).as_posix(), p, []) for p in files],
@@ -314,8 +321,7 @@ def scores_for(scorer: str, *, candidates: Sequence[str], texts: Sequence[str], 
         if scorer == "hybrid" and audio_tower is not None:
             br.check_hybrid_tower(model, audio_tower.info)
         if temperature is None:
-            extras = getattr(model, "extras", None) or {}
-            temperature = float(extras.get(br.EXTRA_BRIDGE_TEMPERATURE, br.DEFAULT_TEMPERATURE))
+            temperature = br.bridge_temperature(model)
         tb = br.TagBridge(text_tower, temperature=temperature)
         clip_tags = tb.clip_tags([audio_table.tags(k) for k in candidates])
         bridge = tb.scores(list(texts), clip_tags)
@@ -416,8 +422,10 @@ def _report_problems(report) -> list[str]:
 
 def format_metrics(metrics: dict) -> str:
     """One line per metric: value and 95% interval."""
+    from atae.metrics import METRIC_NAMES
+
     lines = []
-    for name in ("R@1", "R@5", "R@10", "mAP@10"):
+    for name in METRIC_NAMES:
         if name in metrics:
             m = metrics[name]
             lines.append(f"{name:>7}  {m['value']:.4f}  ({_fmt(m['ci_low'])} - {_fmt(m['ci_high'])})")

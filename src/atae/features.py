@@ -630,8 +630,8 @@ def _audio_current(table: SequenceTable, key: str, new) -> bool:
 
 
 def _unique_todo(items, table: SequenceTable, ident_of: Callable, current: Callable):
-    """(todo [(key, value, ident)], skipped, changed keys): first occurrence of a key wins."""
-    seen, todo, skipped, changed = set(), [], 0, set()
+    """(todo [(key, value)], {key: ident}, skipped, changed keys): first occurrence of a key wins."""
+    seen, todo, idents, skipped, changed = set(), [], {}, 0, set()
     for key, value in items:
         if key in seen:
             continue
@@ -642,8 +642,21 @@ def _unique_todo(items, table: SequenceTable, ident_of: Callable, current: Calla
                 skipped += 1
                 continue
             changed.add(key)
-        todo.append((key, value, ident))
-    return todo, skipped, changed
+        todo.append((key, value))
+        idents[key] = ident
+    return todo, idents, skipped, changed
+
+
+def _commit(table: SequenceTable, report: ExtractReport, changed: set, ident: dict, keys: list[str],
+            seqs: list[np.ndarray], failures: dict[str, tuple[str, str]], times=None, tags=None) -> None:
+    """Commit one extraction batch and count it; audio and text share the policy: an item that was
+    cached but now fails is deleted, so its stale row stops being served."""
+    table.append(keys, seqs, times, tags, idents=[ident[k] for k in keys],
+                 deleted=[k for k in failures if k in table])
+    table.set_failures(failures, succeeded=keys)
+    report.done += len(keys)
+    report.changed += len(changed.intersection(keys))
+    report.failed.extend(failures.values())
 
 
 def _progress(total: int, desc: str, progress: bool, unit: str):
@@ -708,9 +721,7 @@ def extract_audio(table_or_store, tower: AudioTower, items: Sequence[tuple[str, 
     if num_workers is None:
         num_workers = 1 if (os.cpu_count() or 1) >= 4 else 0
     with table.writer(), _one_blas_thread():
-        todo, report.skipped, changed = _unique_todo(items, table, audio_ident, _audio_current)
-        ident = {k: i for k, _, i in todo}
-        todo = [(k, p) for k, p, _ in todo]
+        todo, ident, report.skipped, changed = _unique_todo(items, table, audio_ident, _audio_current)
         batches = [todo[i:i + batch_size] for i in range(0, len(todo), max(1, batch_size))]
         bar = _progress(len(todo), f"audio {tower.info.name}", progress, "clip")
         pool = ThreadPoolExecutor(1) if num_workers > 0 and len(batches) > 1 else None
@@ -738,13 +749,8 @@ def extract_audio(table_or_store, tower: AudioTower, items: Sequence[tuple[str, 
                 with_tags = [t is not None for t in tags]
                 if any(with_tags) and not all(with_tags):
                     raise RuntimeError(f"{tower.info.name} returned tags for some clips only")
-                # a changed clip that now fails must not keep serving its stale row
-                table.append(keys, seqs, times, tags if any(with_tags) else None,
-                             idents=[ident[k] for k in keys], deleted=[k for k in failures if k in table])
-                table.set_failures(failures, succeeded=keys)
-                report.done += len(keys)
-                report.changed += len(changed.intersection(keys))
-                report.failed.extend(failures.values())
+                _commit(table, report, changed, ident, keys, seqs, failures, times,
+                        tags if any(with_tags) else None)
                 bar.update(len(batch))
                 if failures:
                     bar.set_postfix(failed=len(report.failed))
@@ -769,10 +775,8 @@ def extract_text(table_or_store, tower: TextTower, items: Sequence[tuple[str, st
     table = _resolve_table(table_or_store, tower, "text")
     report = ExtractReport()
     with table.writer(), _one_blas_thread():
-        todo, report.skipped, changed = _unique_todo(
+        todo, ident, report.skipped, changed = _unique_todo(
             items, table, lambda t: text_ident(t) if isinstance(t, str) else None, _text_current)
-        ident = {k: i for k, _, i in todo}
-        todo = [(k, t) for k, t, _ in todo]
         bar = _progress(len(todo), f"text {tower.info.name}", progress, "text")
         try:
             for i in range(0, len(todo), max(1, batch_size)):
@@ -795,12 +799,7 @@ def extract_text(table_or_store, tower: TextTower, items: Sequence[tuple[str, st
                         continue
                     keys.append(k)
                     ok.append(s)
-                table.append(keys, ok, idents=[ident[k] for k in keys],
-                             deleted=[k for k in failures if k in table])  # no stale row for a failure
-                table.set_failures(failures, succeeded=keys)
-                report.done += len(keys)
-                report.changed += len(changed.intersection(keys))
-                report.failed.extend(failures.values())
+                _commit(table, report, changed, ident, keys, ok, failures)
                 bar.update(len(batch))
         finally:
             bar.close()

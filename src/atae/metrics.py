@@ -311,8 +311,7 @@ def score_submission_details(gt_csv, sub_csv, confidence: float = 0.95) -> Submi
         if cap in preds:
             notes.append(f"submission lists caption {cap!r} twice; the last row is used")
         preds[cap] = files
-    names = ("R@1", "R@5", "R@10", "mAP@10")
-    vals = {n: np.zeros(len(cap2file)) for n in names}
+    vals = {n: np.zeros(len(cap2file)) for n in METRIC_NAMES}
     missing = []
     positions_all = np.arange(1, SUBMISSION_TOP_K + 1, dtype=float)
     for i, (cap, gt_file) in enumerate(cap2file.items()):

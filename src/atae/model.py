@@ -10,6 +10,7 @@ features.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -104,15 +105,9 @@ class AlignedModel(nn.Module):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        fd, tmp = tempfile.mkstemp(prefix=".adapters-", suffix=".tmp", dir=d)
-        os.close(fd)
-        try:
+        with atomic_path(d / WEIGHTS_NAME) as tmp:
             save_file(state, tmp)
             sha = _sha256(Path(tmp))
-            os.replace(tmp, d / WEIGHTS_NAME)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         cfg = self.config()
         cfg["weights_sha256"] = sha
         atomic_write_text(d / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True, default=_json_default))
@@ -161,6 +156,21 @@ class AlignedModel(nn.Module):
                              fix="retrain the model") from e
         model.eval()
         return model
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path, suffix: str = ".tmp"):
+    """A temp file name next to ``path`` for writers that want a file name (safetensors, torch.save,
+    savefig); it replaces ``path`` only when the block succeeds, so a crash never leaves half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -38,13 +38,6 @@ def self_tag_texts(tags: np.ndarray, labels: Sequence[str] | None = None, top_k:
     return " ".join(names[i] for i in kept)
 
 
-def _audio_files(audio_dir: Path) -> list[Path]:
-    from atae.audio import AUDIO_EXTENSIONS
-
-    return sorted(p for p in audio_dir.rglob("*")
-                  if p.is_file() and p.suffix.lower().lstrip(".") in AUDIO_EXTENSIONS)
-
-
 def self_tagged_clips(entries: Iterable[tuple[str, Path, np.ndarray | None]], *, top_k: int = DEFAULT_TOP_K,
                       min_prob: float = DEFAULT_MIN_PROB, pool: str = "mean") -> list:
     """``Clip``s from already computed tags (e.g. a feature store's): entries are (key, path, (T, 527))."""
@@ -65,13 +58,14 @@ def self_tagged_dataset(audio_dir: str | Path, tower, *, top_k: int = DEFAULT_TO
     (T, 527) tags instead of running the tower."""
     from atae.audio import load_audio
     from atae.data import CaptionDataset
+    from atae.evaluate import audio_files
 
     root = Path(audio_dir)
     if not root.is_dir():
         raise DataError("noisy audio folder does not exist", path=root,
                         fix="pass an existing --noisy-audio DIR")
     require_tag_head(tower)
-    files = _audio_files(root)
+    files = audio_files(root)
     if not files:
         raise DataError("no audio files found", path=root,
                         fix="put .wav/.flac/.ogg files in the folder or pass another --noisy-audio DIR")

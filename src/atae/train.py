@@ -34,7 +34,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 import tomllib
 from collections.abc import Callable, Sequence
@@ -46,8 +45,9 @@ import numpy as np
 import torch
 
 from atae.errors import DataError, ModelError
+from atae.features import caption_key
 from atae.losses import make_loss
-from atae.model import AlignedModel, atomic_write_text
+from atae.model import AlignedModel, atomic_path, atomic_write_text
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
@@ -138,12 +138,7 @@ def load_recipe(name_or_path: str | Path, **overrides) -> Recipe:
     loss = dict(raw.get("loss") or {})
     tr["loss"] = loss.pop("name", tr.get("loss", "seed"))
     tr["loss_params"] = loss
-    for k, v in overrides.items():
-        if v is None:
-            continue
-        if k == "loss" and v != tr["loss"]:
-            tr["loss_params"] = {}  # the recipe's parameters belong to its own loss
-        tr[k] = v
+    _apply_overrides(tr, overrides)
     try:
         cfg = TrainConfig(**tr)
     except TypeError as e:
@@ -162,7 +157,7 @@ class PairSet:
 
     @classmethod
     def from_dataset(cls, dataset, audio_table=None, text_table=None, label_offset: int = 0) -> PairSet:
-        """Every (clip, caption i) of a CaptionDataset with text key ``f"{clip.key}#{i}"``. With tables
+        """Every (clip, caption i) of a CaptionDataset with text key ``caption_key(clip.key, i)``. With tables
         given, clips or captions whose features are missing (failed extraction) are skipped and listed."""
         pairs, skipped = [], []
         for ci, clip in enumerate(dataset.clips):
@@ -170,7 +165,7 @@ class PairSet:
                 skipped.append(f"{clip.key}: no audio features (extraction failed?), clip left out")
                 continue
             for i in range(len(clip.captions)):
-                tkey = f"{clip.key}#{i}"
+                tkey = caption_key(clip.key, i)
                 if text_table is not None and tkey not in text_table:
                     skipped.append(f"{tkey}: no text features, caption left out")
                     continue
@@ -179,6 +174,15 @@ class PairSet:
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+
+def _offsets(items: Sequence[tuple[object, str]], lengths: Sequence[int]) -> np.ndarray:
+    """(N + 1,) int64 start of each item's rows; an empty cached sequence means a broken feature store."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if (lengths == 0).any():
+        bad = items[int(np.flatnonzero(lengths == 0)[0])][1]
+        raise DataError(f"cached sequence {bad!r} is empty", fix="re-extract the features")
+    return np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)])
 
 
 @dataclass
@@ -196,17 +200,11 @@ class PackedSeqs:
     def from_items(cls, items: Sequence[tuple[object, str]], dim: int = 0) -> PackedSeqs:
         """Copy the rows of (table, key) items into one float32 block (allocated once)."""
         arrs = [t.get(k) for t, k in items]
-        lengths = np.array([a.shape[0] for a in arrs], dtype=np.int64)
-        if len(arrs) and (lengths == 0).any():
-            bad = items[int(np.flatnonzero(lengths == 0)[0])][1]
-            raise DataError(f"cached sequence {bad!r} is empty", fix="re-extract the features")
+        offsets = _offsets(items, [a.shape[0] for a in arrs])
         dim = arrs[0].shape[1] if arrs else int(dim)
-        data = np.empty((int(lengths.sum()), dim), dtype=np.float32)
-        pos = 0
-        for a in arrs:
-            data[pos:pos + a.shape[0]] = a
-            pos += a.shape[0]
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        data = np.empty((int(offsets[-1]), dim), dtype=np.float32)
+        for a, start in zip(arrs, offsets[:-1], strict=True):
+            data[start:start + a.shape[0]] = a
         return cls(torch.from_numpy(data), torch.from_numpy(offsets))
 
     @classmethod
@@ -243,11 +241,7 @@ class TableSeqs:
 
     def __init__(self, items: Sequence[tuple[object, str]]):
         self.items = list(items)  # (table, key)
-        lengths = [len(t.get(k)) for t, k in self.items]
-        if any(n == 0 for n in lengths):
-            t, k = self.items[lengths.index(0)]
-            raise DataError(f"cached sequence {k!r} is empty", fix="re-extract the features")
-        self.offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+        self.offsets = torch.from_numpy(_offsets(self.items, [len(t.get(k)) for t, k in self.items]))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -347,18 +341,14 @@ class ValData:
 
     @classmethod
     def build(cls, dataset, audio_table, text_table) -> ValData:
-        clips = [c for c in dataset.clips if c.key in audio_table]
-        tkeys, rel = [], []
-        for j, c in enumerate(clips):
-            for i in range(len(c.captions)):
-                if f"{c.key}#{i}" in text_table:
-                    tkeys.append(f"{c.key}#{i}")
-                    rel.append(j)
+        from atae.evaluate import dataset_queries
+
+        keys, _, tkeys, rel, _ = dataset_queries(dataset, audio_table, text_table)
         if not tkeys:
             raise DataError(f"validation set {getattr(dataset, 'name', '')!r} has no usable caption",
                             fix="check --val-csv/--val-audio and the extraction report")
-        h = hashlib.sha256(("\n".join([c.key for c in clips] + tkeys)).encode()).hexdigest()
-        return cls(PackedSeqs.from_table(audio_table, [c.key for c in clips]),
+        h = hashlib.sha256(("\n".join(keys + tkeys)).encode()).hexdigest()
+        return cls(PackedSeqs.from_table(audio_table, keys),
                    PackedSeqs.from_table(text_table, tkeys), np.asarray(rel), h)
 
     def map_at_10(self, model: AlignedModel) -> float:
@@ -412,14 +402,8 @@ def _set_rng_state(st: dict) -> None:
 
 
 def _save_checkpoint(path: Path, ckpt: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _load_checkpoint(path: Path) -> dict:
@@ -641,14 +625,20 @@ def run_recipe(recipe: Recipe | str, clean_train, clean_val, noisy, audio_table,
     return RunResult(model, out, results, summary)
 
 
-def load_recipe_from(recipe: Recipe, **overrides) -> Recipe:
-    tr = asdict(recipe.train)
+def _apply_overrides(tr: dict, overrides: dict) -> None:
+    """Replace [train] fields in place (None is ignored); another loss drops the recipe's loss_params,
+    which belong to the recipe's own loss."""
     for k, v in overrides.items():
         if v is None:
             continue
         if k == "loss" and v != tr["loss"]:
             tr["loss_params"] = {}
         tr[k] = v
+
+
+def load_recipe_from(recipe: Recipe, **overrides) -> Recipe:
+    tr = asdict(recipe.train)
+    _apply_overrides(tr, overrides)
     return Recipe(recipe.name, recipe.description, recipe.stages, TrainConfig(**tr))
 
 
@@ -675,14 +665,8 @@ def plot_learning_curve(history: list[dict], path: str | Path) -> Path:
     ax.set_title(" -> ".join(dict.fromkeys(stages)) or "training")
     fig.tight_layout()
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".curve-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -781,7 +765,7 @@ def _self_tagged(noisy_audio, audio_tower, text_tower, feats, progress, echo):
 
     ds = self_tagged_dataset(root, audio_tower, progress=progress, tags_for=tags_for)
     ttab = FeatureStore(Path(feats) / "selftag").text_table(text_tower.info)
-    items = [(f"{c.key}#{i}", cap) for c in ds.clips for i, cap in enumerate(c.captions)]
+    items = [(caption_key(c.key, i), cap) for c in ds.clips for i, cap in enumerate(c.captions)]
     rep = extract_text(ttab, text_tower, items, progress=progress)
     echo(f"features {ds.name} (pseudo-captions): {rep.summary()}")
     return ds, atab, ttab

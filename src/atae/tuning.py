@@ -72,8 +72,7 @@ def tune_on_dataset(dataset, audio_table, text_tower, *, model=None, text_table=
     tb = br.TagBridge(text_tower)
     tags = tb.clip_tags([audio_table.tags(c) for c in cands])
     cos = tb.cosines(texts)
-    t_curve = [(float(t), br.mean_ap_at_k(br.softmax_rows(cos, t) @ tags.T, rel, k))
-               for t in br.TEMPERATURE_GRID]
+    t_curve = br.temperature_curve_from_cosines(cos, rel, tags, k=k)  # cos is reused below
     temp = max(t_curve, key=lambda tm: tm[1])[0]
     out = {br.EXTRA_BRIDGE_TEMPERATURE: temp, "temperature_curve": t_curve,
            "n_queries": len(texts), "n_clips": len(cands)}

@@ -206,16 +206,6 @@ def _package_path(spec: WeightSpec) -> Path | None:
     return p if p.exists() else None
 
 
-def candidates(name: str) -> list[Path]:
-    """The places :func:`resolve` looks, in order (for messages and ``atae weights path``)."""
-    spec = get_spec(name)
-    d = cache_dir(name)
-    out = [d if spec.kind == "dir" else d / spec.files[0]]
-    if spec.package:
-        out.append(Path(f"<package {spec.package}>/{spec.package_path or ''}"))
-    return out
-
-
 def resolve(name: str, explicit: str | Path | None = None) -> Path:
     """Path of the weights of ``name`` on this machine. Never downloads.
 
@@ -262,13 +252,17 @@ def is_available(name: str) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=64)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
+def _hash_file(path: str | Path, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(_CHUNK), b""):
             h.update(block)
     return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    return _hash_file(path, "sha256")  # size/mtime_ns only key the cache: a rewritten file is rehashed
 
 
 def sha256_file(path: str | Path) -> str:
@@ -276,14 +270,6 @@ def sha256_file(path: str | Path) -> str:
     p = Path(path)
     st = p.stat()
     return _sha256_cached(str(p.resolve()), st.st_size, st.st_mtime_ns)
-
-
-def _md5_file(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def weights_id(path: str | Path) -> str:
@@ -321,7 +307,7 @@ def _check_file(spec: WeightSpec, path: Path) -> tuple[str, str]:
             return "mismatch", f"sha256 {got} != expected {spec.sha256} (size {size})"
         return "ok", f"sha256 {got}"
     if spec.md5:
-        got = _md5_file(path)
+        got = _hash_file(path, "md5")
         if got != spec.md5:
             return "mismatch", f"md5 {got} != expected {spec.md5}"
         return "ok", f"md5 {got}"

@@ -23,10 +23,7 @@ import click
 def extract(csv_path, audio_dir, out, audio_encoder, audio_weights, text_encoder, text_weights, batch_size,
             progress):
     """Extract and cache audio and caption embeddings for one dataset (resumable: run it again)."""
-    try:
-        from atae.data import read_caption_csv
-    except ImportError:  # the package may not re-export it
-        from atae.data.clotho import read_caption_csv
+    from atae.data import read_caption_csv
     from atae.features import ensure_dataset_features
     from atae.towers.registry import default_towers, get_audio_tower, get_text_tower
 

@@ -84,7 +84,7 @@ def index(
 
     from atae.library import Library
 
-    lib = Library.open(
+    with Library.open(
         db,
         create=True,
         audio_encoder=audio_encoder,
@@ -94,12 +94,9 @@ def index(
         hop_s=hop_s,
         long_s=long_s,
         index=index_kind,
-    )
-    try:
+    ) as lib:
         rep = lib.add(list(dirs), exts=ext, progress=progress and sys.stderr.isatty(), wait=wait)
         stats = lib.stats()
-    finally:
-        lib.close()
     if as_json:
         click.echo(json.dumps({"report": rep.to_dict(), "library": stats}, indent=2))
         return

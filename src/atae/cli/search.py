@@ -93,8 +93,7 @@ def search(
             raise QueryError("give a text query or --audio, not both")
         from atae.library import Library
 
-        lib = Library.open(db)
-        try:
+        with Library.open(db) as lib:
             if text is not None and scorer is None:
                 from atae.library.scorers import default_scorer
 
@@ -108,8 +107,6 @@ def search(
                 glob=glob,
                 scorer=scorer,
             )
-        finally:
-            lib.close()
         _print([r.to_dict() for r in results], as_json, paths_only)
         return
     if len(args) != 2 or not csv_path or not audio_dir:

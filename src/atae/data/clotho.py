@@ -17,7 +17,10 @@ from __future__ import annotations
 import csv
 import html
 import io
+import os
 import re
+import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,6 +163,25 @@ def read_caption_csv(csv_path, audio_dir=None, *, require_audio: bool = True, na
         raise DataError(f"none of the {n_missing_audio} audio files listed in {csv_path} is in this folder",
                         path=audio_dir, fix="wrong --audio-dir? it must hold the files named in file_name")
     return CaptionDataset(name or csv_path.stem, clips, audio_dir, problems)
+
+
+def write_caption_csv_rows(path: Path, rows: Iterable[Sequence[str]], n_captions: int) -> Path:
+    """Write a Clotho-format CSV (``file_name,caption_1..caption_N``) atomically: a reader never sees a
+    half-written file, and an interrupted write leaves the old one in place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            w = csv.writer(fh, lineterminator="\n")
+            w.writerow(["file_name"] + [f"caption_{i}" for i in range(1, n_captions + 1)])
+            w.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 @dataclass

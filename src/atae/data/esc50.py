@@ -8,16 +8,13 @@ names while the shared copy holds ``.ogg`` files with the same stem; the CSV nam
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
-from atae.data.clotho import csv_rows, header_columns, read_text
+from atae.data.clotho import csv_rows, header_columns, read_text, write_caption_csv_rows
 from atae.errors import DataError
 
 AUDIO_SUFFIXES = (".wav", ".ogg", ".flac", ".mp3")
@@ -139,16 +136,4 @@ def write_caption_csv(meta_csv, audio_dir, out_csv, folds: Iterable[int], seed: 
     if not out_rows:
         raise DataError(f"none of the {n_listed} clips of folds {sorted(folds)} has audio in this folder",
                         path=audio_dir, fix="check the ESC-50 audio folder and the fold numbers")
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_csv.name}.", suffix=".tmp", dir=out_csv.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            w = csv.writer(fh, lineterminator="\n")
-            w.writerow(["file_name"] + [f"caption_{i}" for i in range(1, CAPTIONS_PER_CLIP + 1)])
-            w.writerows(out_rows)
-        os.replace(tmp, out_csv)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return out_csv
+    return write_caption_csv_rows(out_csv, out_rows, CAPTIONS_PER_CLIP)

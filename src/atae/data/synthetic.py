@@ -9,7 +9,6 @@ Each concept is split per clip index into train/val/test (default 12 clips: 8/2/
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import tempfile
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+
+from atae.data.clotho import write_caption_csv_rows
 
 CORPUS_VERSION = 1  # bump whenever the synthesis changes: a stored corpus is reused only on a match
 CAPTIONS_PER_CLIP = 5
@@ -433,15 +434,6 @@ def _clip_audio(concept_idx: int, clip_idx: int, seed: int, sr: int
     return y.astype(np.float32), rng
 
 
-def _atomic_csv(path: Path, rows: list[list[str]]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-        w = csv.writer(fh, lineterminator="\n")
-        w.writerow(["file_name"] + [f"caption_{i}" for i in range(1, CAPTIONS_PER_CLIP + 1)])
-        w.writerows(rows)
-    os.replace(tmp, path)
-
-
 def split_counts(clips_per_concept: int) -> tuple[int, int, int]:
     """(train, val, test) clips per concept: 20% val and 20% test (at least 1 each), the rest train."""
     k = max(1, round(0.2 * clips_per_concept))
@@ -487,7 +479,7 @@ def make_demo_corpus(out_dir, *, seed: int = 0, clips_per_concept: int = 12, sr:
             split = "train" if k < n_train else "val" if k < n_train + n_val else "test"
             rows[split].append([fname] + caps)
     for split, r in rows.items():
-        _atomic_csv(result[split], r)
+        write_caption_csv_rows(result[split], r, CAPTIONS_PER_CLIP)
     made = {r[0] for split_rows in rows.values() for r in split_rows}
     for stale in audio_dir.glob("*.wav"):  # clips of an earlier, larger corpus in this folder
         if stale.name not in made and concept_of(stale.name) in CONCEPTS:

@@ -15,6 +15,7 @@ Changing the model re-embeds the stored raw vectors; the tower never runs again.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import os
@@ -94,6 +95,7 @@ class Library:
         self._text_tower = text_tower
         self._model = None
         self._scorers: dict = {}  # name -> scorer object (its per-library caches)
+        self._unavailable: tuple | None = None  # ((generation, model version), {name: why})
         self._lock = threading.RLock()
         self._writer = WriterLock(self.root)
         self.index: VectorIndex | None = None
@@ -456,19 +458,14 @@ class Library:
         self._max_id = int(ids[-1])
         self._gen = self.db.generation()
 
-    def _write(self):
-        lib = self
-
-        class _Ctx:
-            def __enter__(self_inner):
-                lib._writer.acquire(wait=getattr(lib, "_wait", False))
-                return lib
-
-            def __exit__(self_inner, *exc):
-                lib._writer.release()
-                return False
-
-        return _Ctx()
+    @contextlib.contextmanager
+    def _write(self, *, wait: bool = False):
+        """Hold the writer lock (``wait``: queue behind another indexer instead of refusing)."""
+        self._writer.acquire(wait=wait)
+        try:
+            yield self
+        finally:
+            self._writer.release()
 
     # --- indexing ------------------------------------------------------------------------------------
     def add(
@@ -485,8 +482,7 @@ class Library:
         if isinstance(paths, (str, Path)):
             paths = [paths]
         with self._lock:
-            self._wait = wait
-            with self._write():
+            with self._write(wait=wait):
                 self._refresh(force=True)
                 rep = _indexer.run_index(self, paths, exts=exts, progress=progress, batch_files=batch_files)
                 self._refresh(force=True)  # also switches flat <-> hnsw when the size crossed the threshold
@@ -654,7 +650,9 @@ class Library:
         from atae.library import scorers
 
         with self._lock:
-            why = scorers.unavailable(self)
+            key = (self.db.generation(), self.model_version)
+            if self._unavailable is None or self._unavailable[0] != key:  # the web page asks per search
+                self._unavailable = (key, scorers.unavailable(self))
+            why = dict(self._unavailable[1])
             names = [n for n in scorers.SCORER_NAMES if n not in why]
-            default = "adapter" if "adapter" in names else ("bridge" if "bridge" in names else None)
-            return {"available": names, "default": default, "unavailable": why}
+            return {"available": names, "default": scorers.preferred(names), "unavailable": why}

@@ -200,12 +200,6 @@ class LibraryDB:
         r = self.conn.execute(f"SELECT {_FILE_COLS} FROM files WHERE id=?", (int(file_id),)).fetchone()
         return FileRow(*r) if r else None
 
-    def file_by_hash(self, h: str) -> FileRow | None:
-        r = self.conn.execute(
-            f"SELECT {_FILE_COLS} FROM files WHERE hash=? AND status='ok' LIMIT 1", (h,)
-        ).fetchone()
-        return FileRow(*r) if r else None
-
     def failed_files(self) -> list[FileRow]:
         return [
             FileRow(*r)

@@ -185,10 +185,11 @@ def run_index(lib, roots, *, exts=None, progress: bool = True, batch_files: int 
         elif row is None and h in gone_by_hash:
             old = gone_by_hash.pop(h)
             moves.append((old.id, f.path, f.size, f.mtime_ns))
-            gone = [g for g in gone if g.id != old.id]
         else:
             todo.append((f, "new" if row is None else "changed", h))
 
+    moved = {m[0] for m in moves}
+    gone = [g for g in gone if g.id not in moved]  # once, not per move (a moved folder is many files)
     # cheap changes first, in one transaction: removals, moves, touched files
     if gone or moves or touch:
         removed_ids = lib._segment_ids_of([g.id for g in gone])
@@ -232,7 +233,7 @@ def run_index(lib, roots, *, exts=None, progress: bool = True, batch_files: int 
                 if err is None:
                     rep.audio_seconds += dur or 0.0
             bar.update(1)
-            if rep.audio_seconds and bar is not None:
+            if rep.audio_seconds:
                 bar.set_postfix_str(
                     f"{rep.audio_seconds / max(time.perf_counter() - t0, 1e-9):.0f}x rt", refresh=False
                 )
@@ -265,7 +266,7 @@ def _commit(lib, pending, known, rep: IndexReport) -> None:
     replaced = [known[p[1].path].id for p in pending if p[0] == "put" and p[1].path in known]
     replaced += [p[1] for p in pending if p[0] == "delete"]
     old_ids = lib._segment_ids_of(replaced)
-    encoder = lib.audio_tower_key
+    encoder, version = lib.audio_tower_key, lib.model_version  # each a meta read: once per batch
     with db.transaction():
         for p in pending:
             if p[0] == "delete":
@@ -281,7 +282,7 @@ def _commit(lib, pending, known, rep: IndexReport) -> None:
                 sample_rate=sr,
                 channels=ch,
                 encoder=encoder,
-                model_version=lib.model_version if err is None else None,
+                model_version=version if err is None else None,
                 status="ok" if err is None else "failed",
                 error=err,
                 segments=segs,

@@ -51,7 +51,7 @@ def _model(library):
 def unavailable(library) -> dict[str, str]:
     """{scorer name: why it cannot be used} for this library (absent names are available)."""
     why: dict[str, str] = {}
-    empty = library.db.counts()["segments"] == 0
+    empty = library.db.conn.execute("SELECT 1 FROM segments LIMIT 1").fetchone() is None
     no_model = "needs a trained model: index with `atae index DIR --db LIB --model RUN`"
     if not library.model_version:
         why["adapter"] = why["hybrid"] = no_model
@@ -69,13 +69,17 @@ def available(library) -> list[str]:
     return [n for n in SCORER_NAMES if n not in bad]
 
 
+def preferred(names) -> str | None:
+    """The default among available scorer names: ``adapter``, else ``bridge``, else None (shared by
+    ``default_scorer`` and ``Library.scorers`` so the CLI and the web page agree)."""
+    return next((n for n in ("adapter", "bridge") if n in names), None)
+
+
 def default_scorer(library) -> str:
     """``adapter`` with a trained model, else ``bridge`` if the tower has an AudioSet head, else an error."""
-    names = available(library)
-    if "adapter" in names:
-        return "adapter"
-    if "bridge" in names:
-        return "bridge"
+    name = preferred(available(library))
+    if name is not None:
+        return name
     raise QueryError(
         f"this library has no trained model and its audio tower ({library.stored_tower_info.name}) has no "
         "AudioSet head, so text search is not possible (query by example still works)",
@@ -214,15 +218,20 @@ class HybridScorer(BridgeScorer):
         self.last_stats: dict = {}  # diagnostics of the last ``top``: rounds, candidates rescored, ...
 
     def _check(self, library):
+        """The model, once the hybrid is known usable; cached per generation because ``_require`` counts
+        the library's rows (a full scan per query otherwise)."""
         from atae import bridge
 
-        _require(library, "hybrid")
-        m = _model(library)
-        try:
-            bridge.check_hybrid_tower(m, library.stored_tower_info)
-        except AtaeError as exc:
-            raise QueryError(str(exc).split(" (fix: ")[0], path=library.root, fix=exc.fix) from exc
-        return m
+        st = self._fresh(library)
+        if "model" not in st:
+            _require(library, "hybrid")
+            m = _model(library)
+            try:
+                bridge.check_hybrid_tower(m, library.stored_tower_info)
+            except AtaeError as exc:
+                raise QueryError(str(exc).split(" (fix: ")[0], path=library.root, fix=exc.fix) from exc
+            st["model"] = m
+        return st["model"]
 
     def _aligned(self, library):
         """Per-generation state of the segments that have both tags and a vector: their ids (sorted), the
@@ -259,10 +268,6 @@ class HybridScorer(BridgeScorer):
         q = np.asarray(library.query_vector(text=text), dtype=np.float32).reshape(-1)
         return q / np.float32(max(float(np.linalg.norm(q)), 1e-12))
 
-    @staticmethod
-    def _adapter_at(library, ids, q):
-        return _cosines(library.index, ids, q)
-
     def score(self, library, text: str):
         """Every aligned segment's hybrid score (dense: ``bridge.hybrid_scores`` over all of them)."""
         from atae import bridge
@@ -275,7 +280,7 @@ class HybridScorer(BridgeScorer):
         ids, index, _ = al
         q = self._unit(library, text)
         step = 16384
-        a = np.concatenate([self._adapter_at(library, ids[i:i + step], q) for i in range(0, len(ids), step)])
+        a = np.concatenate([_cosines(library.index, ids[i:i + step], q) for i in range(0, len(ids), step)])
         b = index.exact(tb.query_distribution([text])[0])
         return ids, bridge.hybrid_scores(a[None], b[None], bridge.hybrid_weight(m))[0]
 

@@ -16,8 +16,8 @@
 * HNSW cannot delete: removed ids stay in the graph as *tombstones* that the search drops (hits are
   looked up in SQLite anyway); the index is rebuilt when they pass 20 % of its size.
 * Writes are atomic: ``faiss.write_index`` to a temp file in the same folder, fsync, ``os.replace``.
-* ``reconcile`` compares the index's ids with SQLite's and appends what is missing / removes what is
-  gone, so the index is always consistent with the committed rows after a crash.
+* ``Library._refresh`` (api.py) compares the index's ids with SQLite's and appends what is missing /
+  removes what is gone, so the index is always consistent with the committed rows after a crash.
 """
 
 from __future__ import annotations

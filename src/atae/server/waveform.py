@@ -17,23 +17,6 @@ FG = (37, 99, 235, 255)  # blue
 MID = (148, 163, 184, 255)  # centre line
 
 
-def envelope(wave: np.ndarray, width: int = WIDTH) -> tuple[np.ndarray, np.ndarray]:
-    """Per-column (min, max) of ``wave``, each in [-1, 1]."""
-    wave = np.asarray(wave, dtype=np.float32)
-    if wave.size == 0:
-        return np.zeros(width, np.float32), np.zeros(width, np.float32)
-    edges = np.linspace(0, wave.size, width + 1).astype(np.int64)
-    lo = np.zeros(width, np.float32)
-    hi = np.zeros(width, np.float32)
-    for i in range(width):
-        a, b = edges[i], max(edges[i + 1], edges[i] + 1)
-        seg = wave[a : min(b, wave.size)]
-        if seg.size:
-            lo[i], hi[i] = seg.min(), seg.max()
-    peak = max(float(np.max(np.abs(wave))), 1e-6)
-    return np.clip(lo / peak, -1, 1), np.clip(hi / peak, -1, 1)
-
-
 def file_envelope(path, width: int = WIDTH, block: int = 1 << 18) -> tuple[np.ndarray, np.ndarray]:
     """Per-column (min, max) of a file's mono mix, normalised to its peak; raises AudioError."""
     import soundfile as sf
@@ -67,15 +50,10 @@ def file_envelope(path, width: int = WIDTH, block: int = 1 << 18) -> tuple[np.nd
     return np.clip(lo / peak, -1, 1), np.clip(hi / peak, -1, 1)
 
 
-def render(
-    wave: np.ndarray | None = None,
-    width: int = WIDTH,
-    height: int = HEIGHT,
-    *,
-    env: tuple[np.ndarray, np.ndarray] | None = None,
-) -> bytes:
-    """RGBA PNG bytes of a waveform (transparent background), from samples or a precomputed envelope."""
-    lo, hi = env if env is not None else envelope(wave, width)
+def render(env: tuple[np.ndarray, np.ndarray], height: int = HEIGHT) -> bytes:
+    """RGBA PNG bytes (transparent background) of an envelope ``(lo, hi)`` from ``file_envelope``."""
+    lo, hi = env
+    width = len(lo)
     img = np.zeros((height, width, 4), np.uint8)
     mid = (height - 1) / 2
     img[int(round(mid)), :] = MID

@@ -152,30 +152,22 @@ class AisfxNet(nn.Module):
 
 def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The embedding-net state_dict from the package's ``checkpoint.pth`` (a pickled
-    ``(state_dict, ds_dict)`` whose dict holds numpy ints), loaded with ``weights_only=True`` and an
-    allowlist of exactly the numpy scalar/dtype globals it needs. The classifier heads are dropped
+    ``(state_dict, ds_dict)`` whose dict holds numpy ints), loaded by ``atae.weights.load_checkpoint``
+    (``weights_only=True`` with numpy's data constructors allowed). The classifier heads are dropped
     explicitly; any other extra or missing key is an error."""
+    from atae.weights import load_checkpoint as safe_load
+
     path = Path(path)
     fix = "reinstall it: pip install --force-reinstall --no-deps aisfx==0.1.2 (or pass the right file)"
-    from numpy._core.multiarray import scalar as _np_scalar
-
-    allow = [(_np_scalar, "numpy.core.multiarray.scalar"), (_np_scalar, "numpy._core.multiarray.scalar"),
-             np.dtype, type(np.dtype(np.int64))]
-    try:
-        with torch.serialization.safe_globals(allow):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as exc:
-        raise WeightsError("aiSFX checkpoint not found", path=path, fix=fix) from exc
-    except Exception as exc:  # truncated zip, foreign pickle, disallowed global
-        raise WeightsError(f"cannot load the aiSFX checkpoint safely ({str(exc).splitlines()[0][:200]})",
-                           path=path, fix=fix) from exc
+    obj = safe_load(path, what="aiSFX", fix=fix)
     state = obj[0] if isinstance(obj, tuple) and obj and isinstance(obj[0], dict) else obj
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError("not an aiSFX checkpoint (expected a (state_dict, ds_dict) tuple)",
                            path=path, fix=fix)
     emb = {k: v for k, v in state.items() if k.startswith("embedding_net.")}
     other = [k for k in state if not k.startswith("embedding_net.") and not _HEAD_KEY.match(k)]
-    expected = AisfxNet().state_dict()
+    with torch.device("meta"):  # shapes only: the tower builds the real network
+        expected = AisfxNet().state_dict()
     missing = sorted(set(expected) - set(emb))
     unexpected = sorted(set(emb) - set(expected)) + other
     bad_shape = [k for k in expected if k in emb and emb[k].shape != expected[k].shape]

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from atae.errors import AudioError
+
 
 @dataclass
 class AudioEncoding:
@@ -73,6 +75,8 @@ class AudioTower(abc.ABC):
     dim: int
     min_samples: int = 1  # shorter input is zero-padded to this (documented policy)
     has_tags: bool = False
+    window_s: float | None = None  # sequence policy, see ``window_spans`` (None: whole clip)
+    hop_s: float | None = None
 
     @property
     @abc.abstractmethod
@@ -92,6 +96,22 @@ class AudioTower(abc.ABC):
         if wave.shape[0] < self.min_samples:
             wave = np.pad(wave, (0, self.min_samples - wave.shape[0]))
         return wave
+
+    def segments(self, wave: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        """Check one clip and cut it by ``window_spans``: (padded segments, their (T, 2) times in s).
+
+        Checked here so a stereo or NaN clip fails with a fix instead of deep inside the network."""
+        w = np.asarray(wave)
+        if w.ndim != 1:
+            raise AudioError(f"{self.name} expects mono audio as a 1-D array, got shape {w.shape}",
+                             fix=f"downmix to mono and resample to {self.sample_rate} Hz "
+                                 "(atae.audio.load_audio does both)")
+        w = w.astype(np.float32, copy=False)
+        if not np.all(np.isfinite(w)):
+            raise AudioError("audio contains NaN or infinite samples", fix="check the decoder/input file")
+        spans = window_spans(len(w), self.sample_rate, self.window_s, self.hop_s)
+        times = np.asarray(spans, dtype=np.float64) / self.sample_rate
+        return [self.pad_to_min(w[a:b]) for a, b in spans], times
 
 
 class TextTower(abc.ABC):

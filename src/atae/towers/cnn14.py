@@ -15,6 +15,7 @@ so a search can say where in a long file a match is. Input shorter than 9920 sam
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -23,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atae.errors import AudioError, WeightsError
-from atae.towers.base import AudioEncoding, AudioTower, TowerInfo, encode_by_length, window_spans
+from atae.errors import WeightsError
+from atae.towers.base import AudioEncoding, AudioTower, TowerInfo, encode_by_length
 from atae.weights import check_state_keys
 
 SAMPLE_RATE = 32000
@@ -55,24 +56,22 @@ def dft_conv_weights(n_fft: int = N_FFT) -> tuple[np.ndarray, np.ndarray]:
             np.imag(windowed).T.astype(np.float32)[:, None, :])
 
 
+# librosa's default (Slaney) mel scale: linear below 1 kHz (200/3 Hz per mel), logarithmic above
+_F_SP = 200.0 / 3
+_MIN_LOG_HZ = 1000.0
+_MIN_LOG_MEL = _MIN_LOG_HZ / _F_SP
+_LOGSTEP = math.log(6.4) / 27.0
+
+
 def hz_to_mel_slaney(f):
-    """librosa's default (Slaney) mel scale: linear below 1 kHz, logarithmic above."""
     f = np.asarray(f, dtype=np.float64)
-    f_sp = 200.0 / 3
-    min_log_hz = 1000.0
-    min_log_mel = min_log_hz / f_sp
-    logstep = math.log(6.4) / 27.0
-    return np.where(f >= min_log_hz, min_log_mel + np.log(np.maximum(f, 1e-10) / min_log_hz) / logstep,
-                    f / f_sp)
+    return np.where(f >= _MIN_LOG_HZ, _MIN_LOG_MEL + np.log(np.maximum(f, 1e-10) / _MIN_LOG_HZ) / _LOGSTEP,
+                    f / _F_SP)
 
 
 def mel_to_hz_slaney(m):
     m = np.asarray(m, dtype=np.float64)
-    f_sp = 200.0 / 3
-    min_log_hz = 1000.0
-    min_log_mel = min_log_hz / f_sp
-    logstep = math.log(6.4) / 27.0
-    return np.where(m >= min_log_mel, min_log_hz * np.exp(logstep * (m - min_log_mel)), f_sp * m)
+    return np.where(m >= _MIN_LOG_MEL, _MIN_LOG_HZ * np.exp(_LOGSTEP * (m - _MIN_LOG_MEL)), _F_SP * m)
 
 
 def mel_filterbank_slaney(sr: int = SAMPLE_RATE, n_fft: int = N_FFT, n_mels: int = N_MELS,
@@ -187,7 +186,6 @@ class Cnn14(nn.Module):
         out.update(embedding=emb, logits=logits, clipwise_output=torch.sigmoid(logits))
         return out
 
-
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> Cnn14:
         """Build without random initialisation (80 M parameters) and take ``state`` strictly."""
@@ -268,19 +266,15 @@ def checkpoint_state_dict(obj, path: str | Path | None = None) -> dict[str, torc
     return dict(obj)
 
 
-_REFERENCE: dict = {}
-
-
+@functools.cache
 def _reference() -> tuple[dict[str, torch.Size], dict[str, torch.Tensor]]:
     """Expected shapes (from a meta-device model) and the formula front-end tensors, computed once."""
-    if not _REFERENCE:
-        with torch.device("meta"):
-            shapes = {k: v.shape for k, v in Cnn14().state_dict().items()}
-        real, imag = dft_conv_weights()
-        front = dict(zip(_FRONT_END, (torch.from_numpy(real), torch.from_numpy(imag),
-                                      torch.from_numpy(mel_filterbank_slaney().T.copy())), strict=True))
-        _REFERENCE.update(shapes=shapes, front=front)
-    return _REFERENCE["shapes"], _REFERENCE["front"]
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Cnn14().state_dict().items()}
+    real, imag = dft_conv_weights()
+    front = dict(zip(_FRONT_END, (torch.from_numpy(real), torch.from_numpy(imag),
+                                  torch.from_numpy(mel_filterbank_slaney().T.copy())), strict=True))
+    return shapes, front
 
 
 def check_state_dict(state: dict[str, torch.Tensor], path: str | Path | None = None) -> None:
@@ -347,28 +341,11 @@ class Cnn14Tower(AudioTower):
             self._info = TowerInfo(self.name, "audio", self.dim, sha, self.sample_rate, opts)
         return self._info
 
-    @staticmethod
-    def _check_wave(wave) -> np.ndarray:
-        w = np.asarray(wave)
-        if w.ndim != 1:
-            raise AudioError(f"CNN14 expects mono audio as a 1-D array, got shape {w.shape}",
-                             fix="downmix to mono and resample to 32 kHz (atae.audio.load_audio does both)")
-        w = w.astype(np.float32, copy=False)
-        if not np.all(np.isfinite(w)):
-            raise AudioError("audio contains NaN or infinite samples", fix="check the decoder/input file")
-        return w
-
     @torch.inference_mode()
     def run_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, N) equal-length waves -> (embeddings (B, 2048), tag probabilities (B, 527)) float32."""
         out = self.fast(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device))
         return out["embedding"].float().cpu().numpy(), out["clipwise_output"].float().cpu().numpy()
-
-    def _segments(self, wave: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-        spans = window_spans(len(wave), SAMPLE_RATE, self.window_s, self.hop_s)
-        segs = [self.pad_to_min(wave[a:b]) for a, b in spans]
-        times = np.asarray(spans, dtype=np.float64) / SAMPLE_RATE
-        return segs, times
 
     def encode(self, wave: np.ndarray) -> AudioEncoding:
         return self.encode_many([wave])[0]
@@ -378,5 +355,5 @@ class Cnn14Tower(AudioTower):
 
         Only equal-length segments share a batch: zero-padding to a common length would change the
         max/mean pooling over time, i.e. the numbers."""
-        prepared = [self._segments(self._check_wave(w)) for w in waves]
+        prepared = [self.segments(w) for w in waves]
         return encode_by_length(prepared, self.run_batch, self.dim, N_CLASSES, self.max_batch_samples)

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atae.errors import AudioError, WeightsError
-from atae.towers.base import AudioEncoding, AudioTower, TowerInfo, encode_by_length, window_spans
+from atae.errors import WeightsError
+from atae.towers.base import AudioEncoding, AudioTower, TowerInfo, encode_by_length
 from atae.weights import check_state_keys
 
 SAMPLE_RATE = 32000
@@ -217,7 +217,8 @@ def load_mn_weights(path: str | Path, size: str = "mn04") -> dict[str, torch.Ten
 
 
 def check_state_dict(state: dict[str, torch.Tensor], size: str, path: str | Path | None = None) -> None:
-    ref = {k: v.shape for k, v in MN(WIDTHS[size]).state_dict().items()}
+    with torch.device("meta"):  # shapes only: no random init of a model the tower builds again
+        ref = {k: v.shape for k, v in MN(WIDTHS[size]).state_dict().items()}
     check_state_keys(state, ref, f"EfficientAT {size}", path=path, fix=_fix(size))
 
 
@@ -292,18 +293,8 @@ class EfficientATTower(AudioTower):
 
     def encode_many(self, waves: list[np.ndarray]) -> list[AudioEncoding]:
         """Equal-length segments (across clips) share a forward pass; no padding between clips."""
-        prepared = []
-        for w in waves:
-            w = np.asarray(w)
-            if w.ndim != 1:
-                raise AudioError(f"EfficientAT expects mono audio as a 1-D array, got shape {w.shape}",
-                                 fix="downmix to mono and resample to 32 kHz (atae.audio.load_audio)")
-            w = w.astype(np.float32, copy=False)
-            if not np.all(np.isfinite(w)):
-                raise AudioError("audio contains NaN or infinite samples", fix="check the input file")
-            spans = window_spans(len(w), SAMPLE_RATE, self.window_s, self.hop_s)
-            prepared.append(([self.pad_to_min(w[a:b]) for a, b in spans],
-                             np.asarray(spans, dtype=np.float64) / SAMPLE_RATE))
+        prepared = [self.segments(w) for w in waves]
+
         def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             out = self.run_batch(batch)
             return out[self.embedding], out["tags"]
