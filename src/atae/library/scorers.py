@@ -133,9 +133,7 @@ class BridgeScorer:
         st = self._fresh(library)
         if "tb" not in st:
             _require(library, "bridge")
-            m = _model(library)
-            temp = float((getattr(m, "extras", None) or {}).get(bridge.EXTRA_BRIDGE_TEMPERATURE,
-                                                                 bridge.DEFAULT_TEMPERATURE))
+            temp = bridge.bridge_temperature(_model(library))
             st["tb"] = bridge.TagBridge(_bridge_text_tower(library, self.text_tower), temperature=temp)
         return st["tb"]
 
