@@ -23,7 +23,8 @@ import torch
 
 from atae.errors import DataError, ModelError
 from atae.features import caption_key
-from atae.model import AlignedModel, atomic_write_text
+from atae.io import atomic_write_text
+from atae.model import AlignedModel
 
 TOP_K = 10
 

@@ -61,6 +61,7 @@ from pathlib import Path
 import numpy as np
 
 from atae.errors import AtaeError, AudioError, DataError
+from atae.io import TEMP_MARK, atomic_open
 from atae.towers.base import AudioEncoding, AudioTower, TextTower, TowerInfo
 
 FORMAT_VERSION = 2  # 2: per-key idents, ``deleted`` lists, last shard wins (1 is read and upgraded)
@@ -83,18 +84,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _atomic_write(path: Path, write: Callable) -> None:
-    """Write via ``write(fileobj)`` to a temp file next to ``path``, fsync, then rename over it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    """Write via ``write(fileobj)`` atomically (``atae.io``: temp file next to ``path``, fsync, rename)."""
+    with atomic_open(path, "wb") as f:
+        write(f)
 
 
 def _atomic_json(path: Path, obj) -> None:
@@ -362,7 +354,7 @@ class SequenceTable:
         committed = {int(m.group(1)) for p in self.folder.glob("shard-*.json")
                      if (m := _SHARD_RE.match(p.name))}
         for p in self.folder.iterdir():
-            if p.name.startswith(".") and ".tmp-" in p.name:
+            if p.name.startswith(".") and TEMP_MARK in p.name:
                 p.unlink(missing_ok=True)
             elif (m := _ANY_SHARD_RE.match(p.name)) and int(m.group(1)) not in committed:
                 p.unlink(missing_ok=True)  # data of a batch whose index never landed

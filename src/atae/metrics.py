@@ -17,8 +17,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from atae.errors import DataError
+from atae.io import atomic_open
 
 #: sqrt(2) * erfinv(0.95), the z-score astropy's jackknife_stats uses for a 95% interval.
 Z_95 = 1.9599639845400538
@@ -209,33 +208,20 @@ def metrics_table(per_query: Mapping[str, Sequence[float]], confidence: float = 
 
 
 # ------------------------------------------------------------------------------------- submissions
-def _atomic_text_writer(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    return os.fdopen(fd, "w", encoding="utf-8", newline=""), tmp
-
-
 def write_submission(path, rows: Iterable[tuple[str, Sequence[str]]]) -> Path:
     """Write a DCASE submission CSV (``caption,file_name_1..file_name_10``), atomically.
 
     Rows with fewer than 10 files (tiny candidate sets) are padded with empty cells.
     """
     path = Path(path)
-    fh, tmp = _atomic_text_writer(path)
-    try:
-        with fh:
-            w = csv.writer(fh, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
-            w.writerow(SUBMISSION_HEADER)
-            for caption, files in rows:
-                files = list(files)
-                if len(files) > SUBMISSION_TOP_K:
-                    raise ValueError(f"at most {SUBMISSION_TOP_K} files per caption, got {len(files)}")
-                w.writerow([caption] + files + [""] * (SUBMISSION_TOP_K - len(files)))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
+        w.writerow(SUBMISSION_HEADER)
+        for caption, files in rows:
+            files = list(files)
+            if len(files) > SUBMISSION_TOP_K:
+                raise ValueError(f"at most {SUBMISSION_TOP_K} files per caption, got {len(files)}")
+            w.writerow([caption] + files + [""] * (SUBMISSION_TOP_K - len(files)))
     return path
 
 

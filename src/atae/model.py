@@ -10,17 +10,15 @@ features.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from atae.errors import ModelError
+from atae.io import atomic_path, atomic_write_text
 from atae.towers.base import TowerInfo
 
 FORMAT_VERSION = 1
@@ -156,34 +154,6 @@ class AlignedModel(nn.Module):
                              fix="retrain the model") from e
         model.eval()
         return model
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path, suffix: str = ".tmp"):
-    """A temp file name next to ``path`` for writers that want a file name (safetensors, torch.save,
-    savefig); it replaces ``path`` only when the block succeeds, so a crash never leaves half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file via a temp file in the same folder + os.replace (never a half-written file)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _sha256(path: Path) -> str:

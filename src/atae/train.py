@@ -46,8 +46,9 @@ import torch
 
 from atae.errors import DataError, ModelError
 from atae.features import caption_key
+from atae.io import atomic_path, atomic_write_text
 from atae.losses import make_loss
-from atae.model import AlignedModel, atomic_path, atomic_write_text
+from atae.model import AlignedModel
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"

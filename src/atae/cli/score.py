@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import click
 
+from atae.io import atomic_write_text
 from atae.metrics import jsonable, score_submission_details
 
 _OFFICIAL_NAMES = {"R@1": "R1", "R@5": "R5", "R@10": "R10", "mAP@10": "mAP10"}
@@ -32,10 +32,7 @@ def score(gt_csv: Path, submission_csv: Path, json_out: Path | None) -> None:
         data = dict(res.table)
         data["_info"] = {"gt": str(gt_csv), "submission": str(submission_csv), "n_queries": len(res.captions),
                          "missing": res.missing, "notes": res.notes}
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = json_out.with_name(f".{json_out.name}.tmp")
-        tmp.write_text(json.dumps(jsonable(data), indent=2))
-        os.replace(tmp, json_out)
+        atomic_write_text(json_out, json.dumps(jsonable(data), indent=2))
         click.echo(f"wrote {json_out}")
 
 

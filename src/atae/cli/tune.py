@@ -91,7 +91,7 @@ def tune(run, csv_path, audio_dir, feats, scorer, audio_encoder, audio_weights, 
         click.echo(f"stored in {Path(run) / 'config.json'} (libraries indexed with this model: run "
                    "`atae index` again to pick it up)")
     if json_out is not None:
-        from atae.model import atomic_write_text
+        from atae.io import atomic_write_text
 
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(json_out), json.dumps({"scorer": scorer, "data": str(csv_path),

@@ -17,14 +17,13 @@ from __future__ import annotations
 import csv
 import html
 import io
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from atae.errors import DataError
+from atae.io import atomic_open
 
 _CAPTION_COL = re.compile(r"^caption_(\d+)$")
 
@@ -169,18 +168,10 @@ def write_caption_csv_rows(path: Path, rows: Iterable[Sequence[str]], n_captions
     """Write a Clotho-format CSV (``file_name,caption_1..caption_N``) atomically: a reader never sees a
     half-written file, and an interrupted write leaves the old one in place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            w = csv.writer(fh, lineterminator="\n")
-            w.writerow(["file_name"] + [f"caption_{i}" for i in range(1, n_captions + 1)])
-            w.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["file_name"] + [f"caption_{i}" for i in range(1, n_captions + 1)])
+        w.writerows(rows)
     return path
 
 

@@ -10,8 +10,6 @@ Each concept is split per clip index into train/val/test (default 12 clips: 8/2/
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import numpy as np
 import soundfile as sf
 
 from atae.data.clotho import write_caption_csv_rows
+from atae.io import atomic_path, atomic_write_text
 
 CORPUS_VERSION = 1  # bump whenever the synthesis changes: a stored corpus is reused only on a match
 CAPTIONS_PER_CLIP = 5
@@ -471,10 +470,8 @@ def make_demo_corpus(out_dir, *, seed: int = 0, clips_per_concept: int = 12, sr:
         for k in range(clips_per_concept):
             y, rng = _clip_audio(ci, k, seed, sr)
             fname = f"{name}_{k:03d}.wav"
-            fd, tmp = tempfile.mkstemp(prefix=f".{fname}.", suffix=".tmp", dir=audio_dir)
-            os.close(fd)
-            sf.write(tmp, y, sr, subtype="PCM_16", format="WAV")
-            os.replace(tmp, audio_dir / fname)
+            with atomic_path(audio_dir / fname, ".wav", fsync=False) as tmp:  # a corpus is regenerable
+                sf.write(tmp, y, sr, subtype="PCM_16", format="WAV")
             caps = [sentences[i] for i in rng.choice(len(sentences), CAPTIONS_PER_CLIP, replace=False)]
             split = "train" if k < n_train else "val" if k < n_train + n_val else "test"
             rows[split].append([fname] + caps)
@@ -484,10 +481,8 @@ def make_demo_corpus(out_dir, *, seed: int = 0, clips_per_concept: int = 12, sr:
     for stale in audio_dir.glob("*.wav"):  # clips of an earlier, larger corpus in this folder
         if stale.name not in made and concept_of(stale.name) in CONCEPTS:
             stale.unlink()
-    tmp = manifest.with_suffix(".json.tmp")
     counts = {s: len(r) for s, r in rows.items()}
-    tmp.write_text(json.dumps({"settings": settings, "clips": counts}, indent=1))
-    os.replace(tmp, manifest)
+    atomic_write_text(manifest, json.dumps({"settings": settings, "clips": counts}, indent=1))
     return result
 
 

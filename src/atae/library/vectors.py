@@ -22,14 +22,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import faiss
 import numpy as np
 
 from atae.errors import LibraryError
+from atae.io import atomic_path
 
 HNSW_THRESHOLD = 50_000
 HNSW_M = 24
@@ -147,17 +146,5 @@ class VectorIndex:
 
     def save(self, path: Path) -> None:
         """Atomic write: temp file in the same folder, fsync, rename over the old one."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(path, ".faiss") as tmp:
             faiss.write_index(self.index, tmp)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the index is as readable as the SQLite file
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)

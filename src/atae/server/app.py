@@ -29,6 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from atae.errors import AtaeError, AudioError, LibraryError, ModelError, QueryError
+from atae.io import atomic_write_bytes
 
 STATIC = Path(__file__).with_name("static")
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
@@ -269,11 +270,7 @@ def create_app(library, *, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
         except AudioError:
             return _err(404, "the file can no longer be decoded", "run `atae index` again")
         try:
-            cache.mkdir(exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(png)
-            os.replace(tmp, p)
+            atomic_write_bytes(p, png)
         except OSError:
             pass  # read-only library: serve uncached
         return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=86400"})
