@@ -64,3 +64,29 @@ def test_lru_eviction_and_batches_bypass(tiny):
     assert batch[0].shape == tower.encode(["the cat"])[0].shape
     tower.clear_cache()
     assert not tower._cache
+
+
+def test_a_last_layer_pass_fills_the_penultimate_towers_cache(tiny):
+    """The bridge's last-layer tower feeds the adapter's penultimate-layer tower: the adapter's query is
+    then a cache hit, bitwise equal to what a tower of its own computes (and to the model run by hand)."""
+    root, vocab = tiny
+    adapter, bridge_side, alone = HFTextTower(root), HFTextTower(root, layer=-1), HFTextTower(root)
+    assert bridge_side.feed(adapter) and not adapter.feed(bridge_side)  # -2 cannot give layer -1
+    text = "a dog barks on the roof"
+    bridge_side.encode([text])
+    got = adapter.encode([text])[0]
+    assert (adapter.cache_hits, adapter.cache_misses) == (1, 0)
+    assert np.array_equal(got, alone.encode([text])[0])
+    np.testing.assert_allclose(got, _reference(root, vocab, text), atol=1e-5)
+    adapter.encode(["rain falls", "wind"])  # batches never touch the cache, fed or not
+    bridge_side.encode(["rain falls", "wind"])
+    assert list(adapter._cache) == [text]
+
+
+def test_feed_refuses_another_model_or_truncation(tiny, tmp_path):
+    root, _ = tiny
+    other_root, _ = _tiny_roberta(tmp_path / "other")
+    last = HFTextTower(root, layer=-1)
+    assert not last.feed(HFTextTower(other_root))
+    assert not last.feed(HFTextTower(root, max_length=4))
+    assert not last.feed(last)

@@ -45,6 +45,8 @@ WEIGHT_GRID = tuple(round(w, 2) for w in np.linspace(0.0, 1.0, 21))
 EXTRA_HYBRID_WEIGHT = "hybrid_weight"
 EXTRA_BRIDGE_TEMPERATURE = "bridge_temperature"
 DEFAULT_HYBRID_WEIGHT = 0.5
+# TagSearchIndex keeps each label's best LIST_DEPTH clips sorted (527 x depth x 12 bytes: 52 MB at 8192)
+LIST_DEPTH = 8192
 
 
 # --------------------------------------------------------------------------------------------- labels
@@ -119,7 +121,10 @@ def bridge_text_tower(text_tower, layer: int | None = BRIDGE_TEXT_LAYER):
             max_length=getattr(text_tower, "max_length", 128),
             batch_size=getattr(text_tower, "batch_size", 64),
             device=str(getattr(text_tower, "device", "cpu")))
-    return _TOWER_CACHE[key]
+    sibling = _TOWER_CACHE[key]
+    if hasattr(sibling, "feed"):  # one text pass serves both layers (a hybrid query's two embeddings)
+        sibling.feed(text_tower)
+    return sibling
 
 
 def softmax_rows(x: np.ndarray, temperature: float) -> np.ndarray:
@@ -286,6 +291,45 @@ def bridge_temperature(model, default: float = DEFAULT_TEMPERATURE) -> float:
 
 
 # --------------------------------------------------------------------------------------------- search
+def _f32_margin(x: float) -> float:
+    """Room for float32 rounding in sums of at most 527 products in [0, 1]."""
+    return 1e-6 * (1.0 + abs(x))
+
+
+class _Lists:
+    """One query's view of a TagSearchIndex's sorted label lists: the kept labels K (``_kept``), and for a
+    depth m the clips in the first m entries of some kept list (``union``) and the most any other clip
+    can score (``bound``): sum_K d_l list_val[l, m-1] + what the dropped labels can add."""
+
+    def __init__(self, index: TagSearchIndex, d: np.ndarray):
+        self.keep, self.rest = index._kept(d)
+        self.dk = d[self.keep]
+        self.index = index
+        self.depth = index.list_pos.shape[1]
+
+    def bound(self, m: int) -> float:
+        return float(self.dk @ self.index.list_val[self.keep, m - 1]) + self.rest
+
+    def union(self, m: int) -> np.ndarray:
+        """Sorted distinct positions (sort + neighbour test: ~5x faster than np.unique on these sizes)."""
+        x = np.sort(self.index.list_pos[self.keep, :m], axis=None)
+        return x if len(self.keep) == 1 else x[np.r_[True, x[1:] != x[:-1]]]
+
+    def first_below(self, x: float) -> int:
+        """The smallest depth m with bound(m) < x (bound is non-increasing in m); depth + 1 if none."""
+        if len(self.keep) <= 16:  # the whole curve at once: K rows of the lists
+            curve = self.dk @ self.index.list_val[self.keep] + self.rest
+            return int(np.searchsorted(-curve, -x, side="right")) + 1
+        lo, hi = 1, self.depth + 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.bound(mid) < x:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+
 class TagSearchIndex:
     """Exact top-k bridge / hybrid search over many clips that reads only the labels a query needs.
 
@@ -304,7 +348,8 @@ class TagSearchIndex:
     loose bounds fall back to one dense pass, which is never slower than the plain computation.
     """
 
-    def __init__(self, clip_tags, *, chunk: int = 65536, max_labels: int = 96, slack: float = 1e-3):
+    def __init__(self, clip_tags, *, chunk: int = 65536, max_labels: int = 96, slack: float = 1e-3,
+                 list_depth: int = LIST_DEPTH):
         t = _check_clip_tags(clip_tags)
         if t.shape[0] == 0:
             raise AtaeError("no clips to index")
@@ -316,6 +361,7 @@ class TagSearchIndex:
         self.by_clip = t
         self.label_max = t.max(axis=0).astype(np.float64)
         self.clip_norm = np.sqrt(np.einsum("cl,cl->c", t, t, dtype=np.float64))
+        self.clip_sum = t.sum(axis=1, dtype=np.float64)
         self.mean = t.mean(axis=0, dtype=np.float64)
         cov = np.zeros((N_LABELS, N_LABELS))
         for a in range(0, n, chunk):
@@ -326,6 +372,15 @@ class TagSearchIndex:
         self.slack = float(slack)
         self.last_labels = 0  # diagnostics of the last top_k: label rows read, clips rescored
         self.last_rescored = 0
+        # each label's best clips, best first: (527, depth) positions and values (see ``_from_lists``)
+        depth = max(1, min(n, int(list_depth)))
+        self.list_pos = np.empty((N_LABELS, depth), np.int64)
+        self.list_val = np.empty((N_LABELS, depth), np.float32)
+        for lab in range(N_LABELS):
+            row = self.by_label[lab]
+            part = np.argpartition(-row, depth - 1)[:depth] if depth < n else np.arange(n)
+            best = part[np.lexsort((part, -row[part]))]
+            self.list_pos[lab], self.list_val[lab] = best, row[best]
 
     @property
     def n_clips(self) -> int:
@@ -334,18 +389,64 @@ class TagSearchIndex:
     def moments(self, dist: np.ndarray) -> tuple[float, float]:
         """Exact mean and population std over all clips of the bridge scores of one distribution."""
         d = np.asarray(dist, dtype=np.float64).reshape(-1)
-        return float(d @ self.mean), float(np.sqrt(max(d @ self.cov @ d, 0.0)))
+        # a sharp distribution puts ~1e-20 on most labels: their terms cannot move the variance, and
+        # skipping them makes d'Sd read a few covariance entries instead of all 527 x 527
+        top = float(d.max()) if d.size else 0.0
+        nz = np.flatnonzero(np.abs(d) > 1e-13 * top)
+        if 0 < nz.size < N_LABELS // 2:
+            dn = d[nz]
+            var = dn @ self.cov[np.ix_(nz, nz)] @ dn
+        else:
+            var = d @ self.cov @ d
+        return float(d @ self.mean), float(np.sqrt(max(var, 0.0)))
 
-    def partial(self, dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(lower bound (C,), width (C,)): b_c lies in [lower_c, lower_c + width_c]."""
-        d = np.asarray(dist, dtype=np.float64).reshape(-1)
+    def _kept(self, d: np.ndarray) -> tuple[np.ndarray, float]:
+        """(labels a query needs, largest first; the most the other labels can add to any clip)."""
         gain = d * self.label_max
         order = np.argsort(-gain, kind="stable")
         rest = np.cumsum(gain[order][::-1])[::-1]  # rest[i] = sum of gain[order[i:]]
         n_keep = int(np.searchsorted(-rest, -self.slack, side="left"))  # first i with rest[i] <= slack
         n_keep = max(1, min(n_keep, self.max_labels))
-        keep = np.sort(order[:n_keep])
         self.last_labels = n_keep
+        return order[:n_keep], float(rest[n_keep]) if n_keep < N_LABELS else 0.0
+
+    def _from_lists(self, d: np.ndarray, threshold: float | None = None, k: int | None = None):
+        """Candidates from the kept labels' sorted lists (Fagin's threshold algorithm, one common depth).
+
+        A clip outside the first m entries of every kept label's list has t_cl <= list_val[l, m-1] there,
+        so b_c <= sum_K d_l list_val[l, m-1] + rest =: bound(m). For ``threshold``: the smallest m with
+        bound(m) < threshold, all clips that can reach it. For ``k``: m doubles until the k-th best
+        rescored candidate beats bound(m). Returns (sorted positions, exact scores, bound), or None when
+        the lists are too short (the caller falls back to ``partial``)."""
+        lists = _Lists(self, d)
+        bound, union, depth = lists.bound, lists.union, lists.depth
+        margin = _f32_margin
+
+        if threshold is not None:
+            if bound(depth) >= threshold - margin(threshold):
+                return None
+            lo = lists.first_below(threshold - margin(threshold))
+            cand = union(lo)
+            return cand, self.exact(d, cand), bound(lo)
+        m = min(depth, max(2 * int(k), 16))
+        while True:
+            cand = union(m)
+            if len(cand) > max(self.n_clips // 8, 4 * k):  # lists this deep prove little: use ``partial``
+                return None
+            ex = self.exact(d, cand)
+            if len(cand) >= k:
+                s_k = float(np.partition(ex, len(ex) - k)[len(ex) - k])
+                if s_k > bound(m) + margin(s_k) or (m == depth == self.n_clips):
+                    return cand, ex, bound(m)
+            if m >= depth:
+                return None
+            m = min(depth, 4 * m)
+
+    def partial(self, dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(lower bound (C,), width (C,)): b_c lies in [lower_c, lower_c + width_c]."""
+        d = np.asarray(dist, dtype=np.float64).reshape(-1)
+        gain = d * self.label_max
+        keep = np.sort(self._kept(d)[0])
         # row by row: a fancy-indexed d[keep] @ by_label[keep] would first copy len(keep) x C floats
         lower = np.zeros(self.n_clips, np.float32)
         tmp = np.empty(self.n_clips, np.float32)
@@ -354,7 +455,10 @@ class TagSearchIndex:
             lower += tmp
         dropped = np.ones(N_LABELS, bool)
         dropped[keep] = False
-        width = np.minimum(gain[dropped].sum(), np.linalg.norm(d[dropped]) * self.clip_norm)
+        # three bounds on what the dropped labels add: each label at its corpus maximum; Cauchy-Schwarz;
+        # every dropped weight at the largest one (tight for a flat distribution)
+        width = np.minimum(gain[dropped].sum(), np.minimum(np.linalg.norm(d[dropped]) * self.clip_norm,
+                                                           d[dropped].max(initial=0.0) * self.clip_sum))
         # float32 sums: a margin that covers their rounding
         return lower.astype(np.float64), width + 1e-6 * (1.0 + np.abs(lower))
 
@@ -363,12 +467,32 @@ class TagSearchIndex:
         d = np.asarray(dist, dtype=np.float32).reshape(-1)
         if rows is None:
             return (d @ self.by_label).astype(np.float64)
-        return (self.by_clip[np.asarray(rows, dtype=np.int64)] @ d).astype(np.float64)
+        rows = np.asarray(rows, dtype=np.int64)
+        # A sharp distribution (the default temperature) leaves ~1e-20 on most labels: labels under
+        # 1e-10 of the largest weight add at most 527e-10 of it to a score, below float32 rounding, so
+        # only the others are read -- a few label rows gathered at ``rows`` instead of 527 floats a clip.
+        live = np.flatnonzero(d > np.float32(1e-10) * d.max()) if d.size else np.zeros(0, np.int64)
+        if len(rows) > 8 and len(live) <= 32:
+            out = np.zeros(len(rows), np.float32)
+            for lab in live:
+                out += d[lab] * self.by_label[lab, rows]
+            return out.astype(np.float64)
+        return (self.by_clip[rows] @ d).astype(np.float64)
 
     def above(self, dist: np.ndarray, threshold: float, limit: int | None = None):
         """(clip indices (sorted), exact scores) of every clip whose bridge score is >= threshold, from the
-        bounds of ``partial`` (only clips whose upper bound reaches it are rescored); None when more than
-        ``limit`` clips' bounds reach it (the caller then asks differently)."""
+        label lists (``_from_lists``) or else the bounds of ``partial`` (only clips whose upper bound
+        reaches it are rescored); None when more than ``limit`` clips might reach it (the caller then asks
+        differently)."""
+        d = np.asarray(dist, dtype=np.float64).reshape(-1)
+        got = self._from_lists(d, threshold=float(threshold))
+        if got is not None:
+            cand, exact, _ = got
+            self.last_rescored = int(cand.size)
+            if limit is not None and cand.size > limit:
+                return None
+            keep = exact >= threshold
+            return cand[keep], exact[keep]
         lower, width = self.partial(dist)
         cand = np.nonzero(lower + width >= threshold)[0]
         self.last_rescored = int(cand.size)
@@ -384,6 +508,13 @@ class TagSearchIndex:
 
         Without ``adapter_scores``: bridge scores. With them (C,): the hybrid of ``hybrid_scores``."""
         k = int(min(k, self.n_clips))
+        if adapter_scores is None and k > 0:
+            got = self._from_lists(np.asarray(dist, dtype=np.float64).reshape(-1), k=k)
+            if got is not None:
+                cand, exact, _ = got
+                self.last_rescored = int(cand.size)
+                order = np.lexsort((cand, -exact))[:k]
+                return cand[order], exact[order].astype(np.float32)
         lower, width = self.partial(dist)
         if adapter_scores is None:
             base, scale, shift = 0.0, 1.0, 0.0
@@ -472,6 +603,7 @@ class RowMoments:
         self._s1 = np.zeros(self.dim)
         self._s2 = np.zeros((self.dim, self.dim))
         self._cached: tuple[np.ndarray, np.ndarray] | None = None
+        self._factor: np.ndarray | None = None
 
     @classmethod
     def of(cls, rows: np.ndarray, chunk: int = 8192) -> RowMoments:
@@ -500,7 +632,17 @@ class RowMoments:
             else:
                 m = self._s1 / self.n
                 self._cached = (self._shift + m, self._s2 / self.n - np.outer(m, m))
+            self._factor = None
         return self._cached
+
+    def _root(self) -> np.ndarray:
+        """W (float32) with W'W = cov, so var = |W q|^2: a sum of squares (no cancellation, never < 0)
+        from one float32 matrix-vector product, a quarter of the bytes of q'Cq in float64."""
+        mean, cov = self._final()
+        if self._factor is None:
+            lam, vec = np.linalg.eigh(cov)
+            self._factor = (np.sqrt(np.clip(lam, 0.0, None))[:, None] * vec.T).astype(np.float32)
+        return self._factor
 
     @property
     def mean(self) -> np.ndarray:
@@ -514,8 +656,9 @@ class RowMoments:
     def moments(self, q: np.ndarray) -> tuple[float, float]:
         """(mean, population std) over the rows of x_i . q."""
         qq = np.asarray(q, dtype=np.float64).reshape(-1)
-        mean, cov = self._final()
-        return float(qq @ mean), float(np.sqrt(max(qq @ cov @ qq, 0.0)))
+        mean, _ = self._final()
+        wq = (self._root() @ qq.astype(np.float32)).astype(np.float64)
+        return float(qq @ mean), float(np.sqrt(wq @ wq))
 
 
 def hybrid_coefficients(adapter_moments: tuple[float, float], bridge_moments: tuple[float, float],
@@ -600,12 +743,15 @@ def hybrid_top_k(k: int, n_clips: int, coefficients: tuple[float, float, float],
             continue
         t = (s_k - const - alpha * a_out) / beta
         t -= 1e-5 * max(1.0, abs(t))
-        found = bridge_above(t, 4 * n)
+        # rescoring a clip costs ~1/30 of what a 4x longer adapter list costs it (HNSW): accept many
+        found = bridge_above(t, max(4 * n, n_clips // 16))
         if found is None:  # the adapter list bounds too little: lengthen it
             n *= 4
             continue
         pb, sb = np.asarray(found[0], np.int64), np.asarray(found[1], np.float64)
-        new = ~np.isin(pb, pos)
+        listed = np.sort(pos)
+        j = np.minimum(np.searchsorted(listed, pb), len(listed) - 1)
+        new = listed[j] != pb  # not already in the adapter list
         pb, sb = pb[new], sb[new]
         cand = np.concatenate([pos, pb])
         if len(pb):
@@ -614,6 +760,81 @@ def hybrid_top_k(k: int, n_clips: int, coefficients: tuple[float, float, float],
         if stats is not None:
             stats.update(rounds=rounds, n=n, candidates=int(len(cand)), dense=False)
         return cand[order], s[order].astype(np.float32)
+
+
+def _top_k_ties(s: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k largest of s, best first, ties to the lower position -- also across the k-th
+    place, which a bare argpartition would cut arbitrarily."""
+    kth = np.partition(s, len(s) - k)[len(s) - k]
+    cand = np.flatnonzero(s >= kth)
+    return cand[np.lexsort((cand, -s[cand]))][:k]
+
+
+def hybrid_top_k_dense(k: int, adapter_scores: np.ndarray, coefficients: tuple[float, float, float],
+                       index: TagSearchIndex, dist: np.ndarray, *,
+                       stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k (clip positions, scores) of h = alpha * a + beta * b + const when every clip's adapter
+    score a is at hand (an exact index reads every vector anyway, so a costs what the adapter search
+    costs), with the bridge side from the tag index's sorted label lists.
+
+    Tags are >= 0, so alpha * a + const is a lower bound of every h. For a list depth m, the clips U in
+    the kept labels' first m entries are rescored exactly and s_k is their k-th best h; a clip outside U
+    has b <= bound(m), so it can reach s_k only if alpha * a + const + beta * bound(m) >= s_k. Those few
+    are rescored too (their bridge score from a few label rows), and the top-k of both sets is that of
+    the dense computation (``hybrid_scores``; ties: lower position first). m grows 4x while that second
+    set is large; at the lists' end the bridge is scored densely."""
+    alpha, beta, const = (float(c) for c in coefficients)
+    if alpha < 0 or beta < 0:
+        raise ValueError("hybrid coefficients alpha and beta must be >= 0")
+    a = np.asarray(adapter_scores, dtype=np.float64).reshape(-1)
+    n = a.shape[0]
+    if n != index.n_clips:
+        raise ValueError(f"{n} adapter scores for {index.n_clips} indexed clips")
+    k = int(min(k, n))
+    if k <= 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    d = np.asarray(dist, dtype=np.float64).reshape(-1)
+    if beta == 0.0:  # the adapter alone (or nothing: a constant 0 row) orders the clips
+        if stats is not None:
+            stats.update(rounds=1, n=k, candidates=k, dense=False)  # no bridge score needed
+        if alpha == 0.0:
+            return np.arange(k, dtype=np.int64), np.full(k, const, np.float32)
+        s = const + alpha * a
+        top = np.lexsort((np.arange(n), -s))[:k] if k > n // 2 else _top_k_ties(s, k)
+        return top.astype(np.int64), s[top].astype(np.float32)
+    if alpha == 0.0:
+        pos, sb = index.top_k(d, k)
+        if stats is not None:
+            stats.update(rounds=1, n=k, candidates=index.last_rescored, dense=False)
+        return np.asarray(pos, np.int64), (beta * np.asarray(sb, np.float64) + const).astype(np.float32)
+    base = alpha * a + const
+    lists = _Lists(index, d)
+    m, rounds = min(lists.depth, max(2 * k, 16)), 0
+    while True:
+        rounds += 1
+        cand = lists.union(m)
+        h = base[cand] + beta * index.exact(d, cand)
+        s_k = float(np.partition(h, len(h) - k)[len(h) - k]) if len(h) >= k else -np.inf
+        reach = base >= s_k - beta * lists.bound(m) - 1e-5 * max(1.0, abs(s_k))
+        reach[cand] = False
+        n_out = int(np.count_nonzero(reach))
+        if n_out <= max(4 * len(cand), n // 16) or m >= lists.depth:
+            break
+        m = min(lists.depth, 4 * m)
+    if n_out > n // 4:  # the lists bound too little (a flat distribution): per-clip bounds from the
+        lower, width = index.partial(d)  # kept labels' rows, then a dense pass if even those are loose
+        lo = base + beta * lower
+        cand = np.flatnonzero(lo + beta * width >= np.partition(lo, n - k)[n - k])
+        h = base[cand] + beta * index.exact(d, cand) if cand.size <= n // 8 else None
+        if h is None:
+            cand, h = np.arange(n), base + beta * index.exact(d)
+    elif n_out:
+        out = np.flatnonzero(reach)
+        cand, h = np.concatenate([cand, out]), np.concatenate([h, base[out] + beta * index.exact(d, out)])
+    order = np.lexsort((cand, -h))[:k]
+    if stats is not None:
+        stats.update(rounds=rounds, n=m, candidates=int(len(cand)), dense=bool(len(cand) == n))
+    return cand[order].astype(np.int64), h[order].astype(np.float32)
 
 
 def _top_list(fn, n: int) -> tuple[np.ndarray, np.ndarray, float]:

@@ -424,12 +424,15 @@ def _adam(params, cfg: TrainConfig) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
-def train_stage(model: AlignedModel, loss_fn: torch.nn.Module, train: TrainData, val: ValData,
+def train_stage(model: AlignedModel, loss_fn: torch.nn.Module, train: TrainData, val: ValData | None,
                 cfg: TrainConfig, stage_dir: str | Path, *, stage_idx: int = 0, stage_name: str = "train",
                 resume: bool = True, progress: bool = False,
                 on_epoch: Callable[[dict], None] | None = None,
                 on_history: Callable[[list[dict]], None] | None = None) -> StageResult:
     """Train ``model`` (and the loss's parameters, if any) in place; on return it holds the best weights.
+
+    ``val=None``: no validation, exactly ``cfg.max_epochs`` epochs and the last weights are kept (a refit
+    on train + validation data for an epoch count chosen earlier; the log's val_mAP@10 is NaN).
 
     ``on_epoch(record)`` runs after each epoch's checkpoint is on disk (an exception there interrupts
     training exactly like a crash would; the run resumes from that checkpoint).
@@ -437,8 +440,8 @@ def train_stage(model: AlignedModel, loss_fn: torch.nn.Module, train: TrainData,
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = stage_dir / CHECKPOINT_NAME
-    identity = {"fingerprint": train.fingerprint, "val": val.fingerprint, "stage": stage_name,
-                "config": asdict(cfg)}
+    identity = {"fingerprint": train.fingerprint, "val": None if val is None else val.fingerprint,
+                "stage": stage_name, "config": asdict(cfg)}
     params = list(model.parameters()) + list(loss_fn.parameters())
     opt = _adam(params, cfg)
     st = {"epoch": 0, "best_score": -math.inf, "best_epoch": 0, "bad_epochs": 0, "history": [],
@@ -481,11 +484,11 @@ def train_stage(model: AlignedModel, loss_fn: torch.nn.Module, train: TrainData,
                 total += float(loss.detach())
                 steps += 1
             model.eval()
-            score = val.map_at_10(model)
+            score = val.map_at_10(model) if val is not None else math.nan
             if not math.isfinite(total):
                 raise ModelError(f"training diverged (loss {total}) in epoch {epoch} of stage {stage_name}",
                                  fix="lower the learning rate in the recipe")
-            improved = score > st["best_score"]
+            improved = val is None or score > st["best_score"]
             if improved:
                 st["best_score"], st["best_epoch"], st["bad_epochs"] = score, epoch, 0
                 st["best_model"] = copy.deepcopy(model.state_dict())
@@ -557,6 +560,7 @@ def run_recipe(recipe: Recipe | str, clean_train, clean_val, noisy, audio_table,
     ``out_dir``. ``clean_train``/``clean_val``/``noisy`` are CaptionDatasets (or (dataset, audio_table,
     text_table) triples when a source lives in other tables); ``noisy`` may be None for the ``atae`` recipe.
 
+    ``clean_val=None`` trains every stage for exactly ``max_epochs`` epochs and keeps the last weights.
     Running the same call again resumes from the last checkpoint (``resume``); ``restart=True`` discards
     an earlier run in ``out_dir`` first. ``overrides`` replace TrainConfig fields (seed, max_epochs, loss).
     With a tagging audio tower the bridge temperature and hybrid weight are then tuned on ``clean_val``
@@ -584,7 +588,7 @@ def run_recipe(recipe: Recipe | str, clean_train, clean_val, noisy, audio_table,
         raise DataError(f"recipe {recipe.name!r} needs noisy pairs",
                         fix="pass --noisy-json J --noisy-audio D (FSD50K), or use the `atae` recipe")
     val_src = _as_source(clean_val, audio_table, text_table)
-    val = ValData.build(*val_src)
+    val = ValData.build(*val_src) if val_src is not None else None
     audio_info, text_info = audio_table.info, text_table.info
 
     _seed_everything(cfg.seed)
@@ -612,13 +616,14 @@ def run_recipe(recipe: Recipe | str, clean_train, clean_val, noisy, audio_table,
         "stages": [{"name": r.name, "data": s.data, "pairs": r.n_pairs, "best_epoch": r.best_epoch,
                     "epochs_run": r.epochs_run, "best_val_mAP@10": r.best_score, "stopped": r.stopped}
                    for r, s in zip(results, recipe.stages, strict=True)],
-        "val_fingerprint": val.fingerprint,
+        "val_fingerprint": None if val is None else val.fingerprint,
     }
     model.train_summary = summary
     model.save(out)
     from atae.tuning import tune_after_training
 
-    summary["tuning"] = tune_after_training(model, val_src, out, text_tower=text_tower)
+    summary["tuning"] = ({"skipped": "no validation set"} if val_src is None
+                         else tune_after_training(model, val_src, out, text_tower=text_tower))
     try:
         plot_learning_curve([r for k in sorted(histories) for r in histories[k]], out / CURVE_NAME)
     except Exception as e:  # noqa: BLE001 - a missing plot must never lose a trained model

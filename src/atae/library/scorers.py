@@ -165,16 +165,8 @@ class BridgeScorer:
         return ids[pos], sc
 
 
-def _cosines(vector_index, ids, q) -> np.ndarray:
-    """Exact adapter cosines of some segment ids (their vectors read back from the FAISS index by id)."""
-    if not len(ids):
-        return np.zeros(0)
-    vecs = vector_index.index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
-    return (vecs @ np.asarray(q, np.float32)).astype(np.float64)  # float32 like FAISS's own scores
-
-
 def fast_hybrid_top(vector_index, ids, tag_index, moments, q, dist, weight: float, n: int, *,
-                    stats: dict | None = None, **lists):
+                    stats: dict | None = None, rows: np.ndarray | None | bool = False, **lists):
     """The n best (segment ids, hybrid scores) of ``bridge.hybrid_top_k`` over a library's FAISS index.
 
     ``ids``: sorted segment ids of the hybrid's segments (tags and a vector), rows of ``tag_index``
@@ -185,11 +177,22 @@ def fast_hybrid_top(vector_index, ids, tag_index, moments, q, dist, weight: floa
     List length: a flat index scans every vector whatever k, so a long adapter list (20 k) is nearly
     free and keeps the bridge threshold high; an HNSW search costs in proportion to its list (efSearch
     >= k), so there the list starts at the adapter's own efSearch (the bound widens it if needed).
-    ``lists``: ``factor`` / ``min_n`` of ``bridge.hybrid_top_k`` to override that choice (benchmarks)."""
+    ``lists``: ``factor`` / ``min_n`` of ``bridge.hybrid_top_k`` to override that choice (benchmarks).
+
+    An exact index: its stored vectors are scored directly (one matrix-vector product, the cost of the
+    adapter search itself) and ``bridge.hybrid_top_k_dense`` adds the bridge from the tag index's label
+    lists. ``rows``: ``VectorIndex.storage_rows(ids)`` when the caller caches it (False: computed here)."""
     from atae import bridge
     from atae.library.vectors import HNSW_EF_SEARCH
 
     coef = bridge.hybrid_coefficients(moments.moments(q), tag_index.moments(dist), weight)
+    if rows is False:
+        rows = vector_index.storage_rows(ids)
+    a = vector_index.all_scores(q) if not lists else None
+    if a is not None:
+        pos, sc = bridge.hybrid_top_k_dense(n, a if rows is None else a[rows], coef, tag_index, dist,
+                                            stats=stats)
+        return ids[pos], sc
 
     def adapter_top(k):
         sc, hit = vector_index.search(q, k)
@@ -198,7 +201,8 @@ def fast_hybrid_top(vector_index, ids, tag_index, moments, q, dist, weight: floa
         return pos[ok], sc[ok], (float(sc[-1]) if len(sc) else np.inf)
 
     pos, sc = bridge.hybrid_top_k(
-        n, len(ids), coef, adapter_top=adapter_top, adapter_at=lambda p: _cosines(vector_index, ids[p], q),
+        n, len(ids), coef, adapter_top=adapter_top,
+        adapter_at=lambda p: vector_index.scores_at(q, p if rows is None else rows[p]),
         bridge_top=lambda k: tag_index.top_k(dist, k), bridge_at=lambda p: tag_index.exact(dist, p),
         bridge_above=lambda t, limit: tag_index.above(dist, t, limit), stats=stats,
         **(lists or ({"factor": 1, "min_n": HNSW_EF_SEARCH} if vector_index.kind == "hnsw" else {})))
@@ -258,7 +262,7 @@ class HybridScorer(BridgeScorer):
                 m = min(chunk, vi.ntotal - a)
                 rows = vi.index.index.reconstruct_n(a, m)
                 moments.add(rows[np.isin(all_ids[a:a + m], ids)])
-            st["aligned"] = (ids, TagSearchIndex(tags), moments)
+            st["aligned"] = (ids, TagSearchIndex(tags), moments, vi.storage_rows(ids))
         return st["aligned"]
 
     @staticmethod
@@ -275,10 +279,9 @@ class HybridScorer(BridgeScorer):
         al = self._aligned(library)
         if al is None:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        ids, index, _ = al
+        ids, index, _, rows = al
         q = self._unit(library, text)
-        step = 16384
-        a = np.concatenate([_cosines(library.index, ids[i:i + step], q) for i in range(0, len(ids), step)])
+        a = library.index.scores_at(q, np.arange(len(ids)) if rows is None else rows).astype(np.float64)
         b = index.exact(tb.query_distribution([text])[0])
         return ids, bridge.hybrid_scores(a[None], b[None], bridge.hybrid_weight(m))[0]
 
@@ -293,11 +296,11 @@ class HybridScorer(BridgeScorer):
         al = self._aligned(library)
         if al is None:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        ids, index, moments = al
+        ids, index, moments, rows = al
+        dist = tb.query_distribution([text])[0]  # first: its text pass also fills the adapter's cache
         q = self._unit(library, text)
-        dist = tb.query_distribution([text])[0]
         return fast_hybrid_top(library.index, ids, index, moments, q, dist, bridge.hybrid_weight(m), n,
-                               stats=self.last_stats)
+                               stats=self.last_stats, rows=rows)
 
 
 SCORERS = {"bridge": BridgeScorer, "hybrid": HybridScorer}

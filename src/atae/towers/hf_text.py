@@ -24,6 +24,7 @@ count also changes the last bits (~2e-6) of the output, so the tower does not si
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
@@ -99,6 +100,19 @@ class HFTextTower(TextTower):
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_lock = threading.Lock()
         self.cache_hits = self.cache_misses = 0
+        self._fed: weakref.WeakSet[HFTextTower] = weakref.WeakSet()
+
+    def feed(self, other: HFTextTower) -> bool:
+        """Let this tower's single-query passes fill ``other``'s cache with ``other``'s layer.
+
+        Why: the bridge reads the last layer and the adapter the penultimate one of the same model; one
+        pass computes both, so a hybrid query costs one text pass, not two. Only for the same model
+        folder and truncation, and a layer this tower computes (else nothing is shared: False)."""
+        ok = (isinstance(other, HFTextTower) and other is not self and other.model_dir == self.model_dir
+              and other.max_length == self.max_length and other._state <= self._state)
+        if ok:
+            self._fed.add(other)
+        return ok
 
     def clear_cache(self) -> None:
         with self._cache_lock:
@@ -143,17 +157,23 @@ class HFTextTower(TextTower):
                 self._cache.move_to_end(text)
                 self.cache_hits += 1
                 return [hit.copy()]
-        z = self._encode(texts)[0]
+        z = self._encode(texts, feed=True)[0]
         with self._cache_lock:
             self.cache_misses += 1
+        self._remember(text, z)
+        return [z]
+
+    def _remember(self, text: str, z: np.ndarray) -> None:
+        if self.cache_size == 0:
+            return
+        with self._cache_lock:
             self._cache[text] = z.copy()  # the caller may write into its array; the cache keeps its own
             self._cache.move_to_end(text)
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
-        return [z]
 
     @torch.inference_mode()
-    def _encode(self, texts: list[str]) -> list[np.ndarray]:
+    def _encode(self, texts: list[str], feed: bool = False) -> list[np.ndarray]:
         kw = {"truncation": True, "max_length": self.max_length}
         lengths = [len(x) for x in self.tokenizer(list(texts), **kw)["input_ids"]]
         order = sorted(range(len(texts)), key=lambda i: lengths[i])  # similar lengths batch together
@@ -162,9 +182,16 @@ class HFTextTower(TextTower):
             chunk = order[s:s + self.batch_size]
             batch = self.tokenizer([texts[i] for i in chunk], padding=True, return_tensors="pt", **kw)
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            hidden = self.model(**batch, output_hidden_states=True).hidden_states[self._state]
-            hidden = hidden.float().cpu().numpy()
+            states = self.model(**batch, output_hidden_states=True).hidden_states
             mask = batch["attention_mask"].bool().cpu().numpy()
             for row, i in enumerate(chunk):
-                out[i] = np.ascontiguousarray(hidden[row][mask[row]], dtype=np.float32)
+                out[i] = _unpadded(states[self._state], mask, row)
+            if feed and len(texts) == 1:
+                for other in list(self._fed):
+                    other._remember(texts[0], _unpadded(states[other._state], mask, 0))
         return out  # type: ignore[return-value]
+
+
+def _unpadded(hidden: torch.Tensor, mask: np.ndarray, row: int) -> np.ndarray:
+    """One text's (T_i, F) float32 token sequence: its row of a padded batch, padding removed."""
+    return np.ascontiguousarray(hidden[row].float().cpu().numpy()[mask[row]], dtype=np.float32)
