@@ -624,3 +624,34 @@ def test_hybrid_coefficients_and_bad_input():
     pos, sc = br.hybrid_top_k(3, 10, (0.0, 0.0, 0.0), adapter_top=None, bridge_top=None,
                               adapter_at=None, bridge_at=None, bridge_above=None)
     assert list(pos) == [0, 1, 2] and list(sc) == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("lib", _libraries(), ids=lambda lib: lib[0])
+@pytest.mark.parametrize("w", [0.0, 0.3, 0.5, 1.0])
+def test_dense_adapter_hybrid_top_k_equals_brute_force(lib, w):
+    """hybrid_top_k_dense (every adapter score given, the bridge from the label lists) against the plain
+    loops, with short lists so the lists' bound, the widening and the fallbacks all run."""
+    _, v, q, t, d = lib
+    dense = _brute_hybrid(v, q, t, d, w)
+    a = v.astype(np.float64) @ q
+    for depth in (8, 64, 10_000):
+        index = br.TagSearchIndex(t, list_depth=depth)
+        coef = br.hybrid_coefficients(br.RowMoments.of(v).moments(q), index.moments(d), w)
+        for k in (1, 10, 37):
+            want = sorted(range(len(dense)), key=lambda c: (-dense[c], c))[:k]
+            pos, sc = br.hybrid_top_k_dense(k, a, coef, index, d)
+            assert list(pos) == want
+            np.testing.assert_allclose(sc, [dense[c] for c in want], rtol=1e-5, atol=1e-5)
+
+
+def test_label_lists_bridge_top_k_reads_few_clips():
+    """A sharp query: the bridge top-k comes from the lists (few clips rescored) and equals the loops."""
+    tags = _corpus(6, n=3000)
+    index = br.TagSearchIndex(tags)
+    d = _dist(6, 0.01)
+    b = [sum(float(d[lab]) * float(tags[c, lab]) for lab in range(527)) for c in range(3000)]
+    want = sorted(range(3000), key=lambda c: (-b[c], c))[:10]
+    pos, sc = index.top_k(d, 10)
+    assert list(pos) == want and index.last_rescored < 3000 // 8
+    np.testing.assert_allclose(sc, [b[c] for c in want], rtol=1e-5)
+    assert np.all(np.diff(index.list_val, axis=1) <= 0)  # every label's list is sorted, best first

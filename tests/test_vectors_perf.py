@@ -56,3 +56,40 @@ def test_flat_index_from_before_opens(tmp_path):
     vi.save(tmp_path / "v.faiss")
     back = V.VectorIndex.load(tmp_path / "v.faiss")
     assert back.kind == "flat" and list(back.ids()) == list(ids)
+
+
+def test_in_place_scores_match_the_stored_vectors():
+    """all_scores / scores_at read FAISS's storage in place: compare with plain dot products of the input
+    vectors (normalised here), mapped to rows through storage_rows -- also after removals (flat) and
+    for an HNSW index, whose vectors live in its own flat storage."""
+    import pytest
+
+    from atae.errors import LibraryError
+
+    x, ids = _data(n=200, d=16, seed=3)
+    q = np.random.default_rng(4).standard_normal(16).astype(np.float32)
+    qn = q / np.linalg.norm(q)
+    for kind in ("flat", "hnsw"):
+        vi = V.VectorIndex.empty(16, kind)
+        vi.add(ids, x)
+        assert vi.storage_rows(ids) is None  # added in id order: rows are positions
+        want = x.astype(np.float64) @ qn
+        pick = np.array([5, 0, 199, 77])
+        np.testing.assert_allclose(vi.scores_at(q, pick), want[pick], rtol=1e-5, atol=1e-6)
+        if kind == "flat":
+            np.testing.assert_allclose(vi.all_scores(q), want, rtol=1e-5, atol=1e-6)
+        else:
+            assert vi.all_scores(q) is None
+        with pytest.raises(LibraryError):
+            vi.scores_at(q, np.array([200]))
+    vi = V.VectorIndex.empty(16, "flat")
+    shuffled = np.random.default_rng(5).permutation(len(ids))
+    vi.add(ids[shuffled], x[shuffled])  # rows no longer in id order
+    gone = ids[[0, 3, 50]]
+    assert vi.remove(gone)
+    kept = np.setdiff1d(ids, gone)
+    rows = vi.storage_rows(kept)
+    assert rows is not None
+    want = {int(i): float(v @ qn) for i, v in zip(ids, x.astype(np.float64), strict=True)}
+    np.testing.assert_allclose(vi.scores_at(q, rows), [want[int(i)] for i in kept], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(vi.all_scores(q)[rows], [want[int(i)] for i in kept], rtol=1e-5, atol=1e-6)

@@ -468,10 +468,11 @@ class TagSearchIndex:
         if rows is None:
             return (d @ self.by_label).astype(np.float64)
         rows = np.asarray(rows, dtype=np.int64)
-        # A sharp distribution (the default temperature) leaves ~1e-20 on most labels: labels under
-        # 1e-10 of the largest weight add at most 527e-10 of it to a score, below float32 rounding, so
-        # only the others are read -- a few label rows gathered at ``rows`` instead of 527 floats a clip.
-        live = np.flatnonzero(d > np.float32(1e-10) * d.max()) if d.size else np.zeros(0, np.int64)
+        # A sharp distribution (the default temperature) leaves ~1e-20 on most labels. Labels under 1e-12
+        # of the largest weight add at most 5.3e-10 of it to any score (tags <= 1): the size of float32
+        # rounding in a 527-term sum for a clip scoring >= 1e-3 of it, i.e. anything near a top-k. Only
+        # the others are read then -- a few label rows gathered at ``rows``, not 527 floats a clip.
+        live = np.flatnonzero(d > np.float32(1e-12) * d.max()) if d.size else np.zeros(0, np.int64)
         if len(rows) > 8 and len(live) <= 32:
             out = np.zeros(len(rows), np.float32)
             for lab in live:

@@ -11,13 +11,15 @@ Names (the same on the CLI, in the web page and in ``Library.search(..., scorer=
 
 A scorer object has ``top(library, text, n) -> (segment_ids, scores)`` (the n best segments, best
 first) and ``score(library, text)`` (every segment, dense; kept for custom scorers and for tests).
-Bridge search goes through ``atae.bridge.TagSearchIndex`` (``TagBridge.search``): exact dense top-k that
-reads only the label rows a query needs. Hybrid search (``bridge.hybrid_top_k``) gets each query's
+Bridge search goes through ``atae.bridge.TagSearchIndex`` (``TagBridge.search``): exact top-k from
+each label's sorted best clips, reading only the labels a query needs. Hybrid search gets each query's
 z-score statistics over all segments in closed form from cached moments (adapter vectors' mean and
-covariance, tags' mean and covariance), which makes the hybrid a linear score; it rescores the union
-of the FAISS adapter top-N and the tag index's top-N and proves the top-k exact by a bound (widening N
-otherwise), so it costs about one adapter search and keeps no second copy of the vectors. Per-library
-state (tag index, moments) is rebuilt when the library's generation, model or vector index changes.
+covariance, tags' mean and covariance), which makes the hybrid a linear score. Over an exact index every
+segment's cosine comes from FAISS's kernel on its own storage (the adapter search's cost) and
+``bridge.hybrid_top_k_dense`` adds the bridge from the label lists; over HNSW ``bridge.hybrid_top_k``
+rescores the graph's top-N plus every segment the bridge could lift past the k-th score. Both prove the
+top-k by a bound and keep no second copy of the vectors. Per-library state (tag index, moments, FAISS
+rows) is rebuilt when the library's generation, model or vector index changes.
 """
 
 from __future__ import annotations

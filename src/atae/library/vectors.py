@@ -182,7 +182,7 @@ class VectorIndex:
 
     def storage_rows(self, ids: np.ndarray) -> np.ndarray | None:
         """FAISS row of each of ``ids`` (all must be in the index), or None when ``ids`` are the rows in
-        order (the usual case: segments added in id order, none removed)."""
+        order (the usual case: segments added in id order; removals keep the order)."""
         id_map = faiss.vector_to_array(self.index.id_map).astype(np.int64)
         ids = np.asarray(ids, dtype=np.int64)
         if id_map.shape == ids.shape and np.array_equal(id_map, ids):
