@@ -346,6 +346,10 @@ class TagSearchIndex:
     The hybrid's per-query mean and std over all clips are exact from the stored tag mean and
     covariance (mean_c b_c = d.mean, var_c b_c = d'Sd). A flat distribution (high temperature) or
     loose bounds fall back to one dense pass, which is never slower than the plain computation.
+
+    Before any of that, ``top_k`` and ``above`` try each label's best clips kept sorted (``list_pos``,
+    ``list_val``; ``_from_lists``): for the sharp distributions of the default temperature the answer
+    then comes from a few hundred list entries instead of a pass over every clip.
     """
 
     def __init__(self, clip_tags, *, chunk: int = 65536, max_labels: int = 96, slack: float = 1e-3,
@@ -416,8 +420,8 @@ class TagSearchIndex:
         A clip outside the first m entries of every kept label's list has t_cl <= list_val[l, m-1] there,
         so b_c <= sum_K d_l list_val[l, m-1] + rest =: bound(m). For ``threshold``: the smallest m with
         bound(m) < threshold, all clips that can reach it. For ``k``: m doubles until the k-th best
-        rescored candidate beats bound(m). Returns (sorted positions, exact scores, bound), or None when
-        the lists are too short (the caller falls back to ``partial``)."""
+        rescored candidate beats bound(m). Returns (sorted positions, exact scores), or None when the
+        lists are too short (the caller falls back to ``partial``)."""
         lists = _Lists(self, d)
         bound, union, depth = lists.bound, lists.union, lists.depth
         margin = _f32_margin
@@ -427,7 +431,7 @@ class TagSearchIndex:
                 return None
             lo = lists.first_below(threshold - margin(threshold))
             cand = union(lo)
-            return cand, self.exact(d, cand), bound(lo)
+            return cand, self.exact(d, cand)
         m = min(depth, max(2 * int(k), 16))
         while True:
             cand = union(m)
@@ -437,7 +441,7 @@ class TagSearchIndex:
             if len(cand) >= k:
                 s_k = float(np.partition(ex, len(ex) - k)[len(ex) - k])
                 if s_k > bound(m) + margin(s_k) or (m == depth == self.n_clips):
-                    return cand, ex, bound(m)
+                    return cand, ex
             if m >= depth:
                 return None
             m = min(depth, 4 * m)
@@ -488,7 +492,7 @@ class TagSearchIndex:
         d = np.asarray(dist, dtype=np.float64).reshape(-1)
         got = self._from_lists(d, threshold=float(threshold))
         if got is not None:
-            cand, exact, _ = got
+            cand, exact = got
             self.last_rescored = int(cand.size)
             if limit is not None and cand.size > limit:
                 return None
@@ -512,7 +516,7 @@ class TagSearchIndex:
         if adapter_scores is None and k > 0:
             got = self._from_lists(np.asarray(dist, dtype=np.float64).reshape(-1), k=k)
             if got is not None:
-                cand, exact, _ = got
+                cand, exact = got
                 self.last_rescored = int(cand.size)
                 order = np.lexsort((cand, -exact))[:k]
                 return cand[order], exact[order].astype(np.float32)
