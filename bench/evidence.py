@@ -262,41 +262,21 @@ def refit(ctx: Ctx, tag: str, recipe: str, overrides: dict, seed: int, epochs: l
           atab, ttab):
     """Retrain from scratch on ``clean`` (train + validation folds) for exactly ``epochs[i]`` epochs in
     stage i, keeping the last weights: no data is left to validate on, so nothing is chosen here (the
-    epoch counts come from the early-stopped run). Same seed, initialisation and batch order rules as
-    ``run_recipe``; stages with their own epoch counts are why this does not call run_recipe itself."""
-    import dataclasses
-    import shutil
-
-    from atae.losses import make_loss
+    epoch counts come from the early-stopped run)."""
     from atae.model import AlignedModel
-    from atae.train import TrainData, _seed_everything, load_recipe, train_stage
+    from atae.train import run_recipe
 
     out = ctx.cache / "runs" / f"{tag}-refit-e{'-'.join(map(str, epochs))}-s{seed}"
     if ctx.args.reuse_runs and (out / "config.json").exists():
         model = AlignedModel.load(out)
         return model, run_info(model, seed, None)
-    if out.exists():
-        shutil.rmtree(out)
     t0 = time.perf_counter()
-    rec = load_recipe(recipe, seed=seed, **overrides)
-    cfg = rec.train
-    _seed_everything(cfg.seed)
-    model = AlignedModel(atab.info, ttab.info, hidden=cfg.hidden, out_dim=cfg.out_dim)
-    loss_fn = make_loss(cfg.loss, **cfg.loss_params)
-    sources = {"clean": (clean, atab, ttab), "noisy": noisy}
-    stages = []
-    for i, (stage, n_ep) in enumerate(zip(rec.stages, epochs, strict=True)):
-        data = TrainData.build([sources[d] for d in stage.data])
-        res = train_stage(model, loss_fn, data, None, dataclasses.replace(cfg, max_epochs=int(n_ep)),
-                          out / "stages" / f"{i + 1}-{stage.name}", stage_idx=i, stage_name=stage.name)
-        stages.append({"name": stage.name, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
-                       "best_val_mAP@10": None, "pairs": res.n_pairs})
-    model.train_summary = {"recipe": rec.to_dict(), "protocol": "refit: fixed epochs, last weights",
-                           "loss": (loss_fn.extra_state_summary() if hasattr(loss_fn, "extra_state_summary")
-                                    else {"name": cfg.loss}), "stages": stages}
-    model.save(out)
+    res = run_recipe(recipe, clean, None, noisy, atab, ttab, out, restart=True, stage_epochs=epochs,
+                     seed=seed, **overrides)
+    stages = [{"name": r.name, "best_epoch": r.best_epoch, "epochs_run": r.epochs_run,
+               "best_val_mAP@10": None, "pairs": r.n_pairs} for r in res.stages]
     ctx.timings["training"] = ctx.timings.get("training", 0) + time.perf_counter() - t0
-    return model, {"seed": seed, "seconds": time.perf_counter() - t0, "stages": stages}
+    return res.model, {"seed": seed, "seconds": time.perf_counter() - t0, "stages": stages}
 
 
 # -------------------------------------------------------------------------------------------- ESC-50

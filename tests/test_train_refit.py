@@ -53,3 +53,12 @@ def test_no_validation_ignores_patience(world, tmp_path):
     res = run_recipe("atae", ds["train"], None, None, atab, ttab, tmp_path / "run", seed=1, max_epochs=4,
                      patience=1, lr=0.5, **SMALL)
     assert res.stages[0].epochs_run == 4 and res.stages[0].best_epoch == 4
+
+
+def test_stage_epochs_must_name_every_stage(world, tmp_path):
+    from atae.errors import ModelError
+
+    ds, atab, ttab, _ = world
+    with pytest.raises(ModelError, match="1 epoch counts for the 2 stages"):
+        run_recipe("atae-np-f", ds["train"], None, ds["val"], atab, ttab, tmp_path / "r", stage_epochs=[2],
+                   hidden=32, out_dim=16, batch_size=8)

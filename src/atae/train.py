@@ -37,7 +37,7 @@ import shutil
 import time
 import tomllib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -555,12 +555,14 @@ def _as_source(x, audio_table, text_table):
 
 def run_recipe(recipe: Recipe | str, clean_train, clean_val, noisy, audio_table, text_table, out_dir, *,
                resume: bool = True, restart: bool = False, progress: bool = False,
-               on_epoch: Callable[[dict], None] | None = None, text_tower=None, **overrides) -> RunResult:
+               on_epoch: Callable[[dict], None] | None = None, text_tower=None,
+               stage_epochs: Sequence[int] | None = None, **overrides) -> RunResult:
     """Run every stage of a recipe and save the final model (best weights of the last stage) in
     ``out_dir``. ``clean_train``/``clean_val``/``noisy`` are CaptionDatasets (or (dataset, audio_table,
     text_table) triples when a source lives in other tables); ``noisy`` may be None for the ``atae`` recipe.
 
-    ``clean_val=None`` trains every stage for exactly ``max_epochs`` epochs and keeps the last weights.
+    ``clean_val=None`` trains every stage for exactly ``max_epochs`` epochs and keeps the last weights;
+    ``stage_epochs`` gives each stage its own ``max_epochs`` (a refit for counts chosen earlier).
     Running the same call again resumes from the last checkpoint (``resume``); ``restart=True`` discards
     an earlier run in ``out_dir`` first. ``overrides`` replace TrainConfig fields (seed, max_epochs, loss).
     With a tagging audio tower the bridge temperature and hybrid weight are then tuned on ``clean_val``
@@ -601,10 +603,14 @@ def run_recipe(recipe: Recipe | str, clean_train, clean_val, noisy, audio_table,
         lines = [json.dumps(r) for k in sorted(histories) for r in histories[k]]
         atomic_write_text(out / LOG_NAME, "\n".join(lines) + ("\n" if lines else ""))
 
+    if stage_epochs is not None and len(stage_epochs) != len(recipe.stages):
+        raise ModelError(f"{len(stage_epochs)} epoch counts for the {len(recipe.stages)} stages of "
+                         f"recipe {recipe.name!r}", fix="give one count per stage")
     results = []
     for i, stage in enumerate(recipe.stages):
         data = TrainData.build([sources[s] for s in stage.data])
-        res = train_stage(model, loss_fn, data, val, cfg, out / "stages" / f"{i + 1}-{stage.name}",
+        stage_cfg = cfg if stage_epochs is None else replace(cfg, max_epochs=int(stage_epochs[i]))
+        res = train_stage(model, loss_fn, data, val, stage_cfg, out / "stages" / f"{i + 1}-{stage.name}",
                           stage_idx=i, stage_name=stage.name, resume=resume or restart, progress=progress,
                           on_epoch=on_epoch, on_history=lambda h, i=i: write_log(i, h))
         write_log(i, res.history)
