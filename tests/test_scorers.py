@@ -244,7 +244,7 @@ def test_fast_hybrid_through_the_library_equals_brute_force(tmp_path, kind):
         np.testing.assert_allclose(sc, [mix[c] for c in want], rtol=1e-4, atol=1e-4)
         assert not hs.last_stats["dense"] and hs.last_stats["candidates"] < n  # the fast path ran
         # no second copy of the vectors: the scorer's state holds nothing with a row per segment x dim
-        (_, index, moments, _), = [v for v in hs._state.values() if isinstance(v, tuple) and len(v) == 4]
+        (_, index, moments, _, _), = [v for v in hs._state.values() if isinstance(v, tuple) and len(v) == 5]
         assert moments.cov.shape == (16, 16) and index.by_label.shape == (527, n)
         d_ids, d_sc = hs.score(lib, "high")  # the dense path agrees with the loops too
         assert list(d_ids) == [r[0] for r in rows]

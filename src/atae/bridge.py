@@ -25,6 +25,7 @@ import importlib.resources
 import re
 import unicodedata
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -330,6 +331,17 @@ class _Lists:
         return lo
 
 
+class BridgeCandidates(NamedTuple):
+    """Clips gathered before a bridge threshold is known (``TagSearchIndex.prefetch``): the first
+    ``depth`` entries of a query's kept label lists, with exact scores; any other clip scores at most
+    ``bound`` (before float32 rounding)."""
+
+    pos: np.ndarray
+    scores: np.ndarray
+    bound: float
+    depth: int
+
+
 class TagSearchIndex:
     """Exact top-k bridge / hybrid search over many clips that reads only the labels a query needs.
 
@@ -445,6 +457,15 @@ class TagSearchIndex:
             if m >= depth:
                 return None
             m = min(depth, 4 * m)
+
+    def prefetch(self, dist: np.ndarray, max_clips: int = 512) -> BridgeCandidates:
+        """The clips of the kept labels' lists down to the depth that holds at most ``max_clips`` of them,
+        scored exactly: the bridge side of a hybrid query, gathered while the adapter search runs."""
+        d = np.asarray(dist, dtype=np.float64).reshape(-1)
+        lists = _Lists(self, d)
+        m = max(1, min(lists.depth, int(max_clips) // len(lists.keep)))
+        pos = lists.union(m)
+        return BridgeCandidates(pos, self.exact(d, pos), lists.bound(m), m)
 
     def partial(self, dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(lower bound (C,), width (C,)): b_c lies in [lower_c, lower_c + width_c]."""
@@ -679,9 +700,40 @@ def hybrid_coefficients(adapter_moments: tuple[float, float], bridge_moments: tu
     return alpha, beta, -alpha * mu_a - beta * mu_b
 
 
+HYBRID_LIST_FACTOR, HYBRID_LIST_MIN = 20, 256  # hybrid_top_k's first adapter list: max(factor * k, min)
+
+
+class HybridSeed(NamedTuple):
+    """Clips scored on both sides before the adapter list is known (``hybrid_seed``): positions, their
+    hybrid scores h, the most any other clip's bridge score can be (float32 margin included), the seed's
+    k-th best h (-inf with fewer than k clips), and a mask over all clips of the seed's positions."""
+
+    pos: np.ndarray
+    h: np.ndarray
+    b_bound: float
+    s_lo: float
+    member: np.ndarray
+
+
+def hybrid_seed(coefficients: tuple[float, float, float], k: int, n_clips: int, pos: np.ndarray,
+                adapter: np.ndarray, bridge: np.ndarray, b_bound: float) -> HybridSeed:
+    """A ``HybridSeed`` for ``hybrid_top_k`` from clips with both exact scores, and a bound on every other
+    clip's bridge score (``TagSearchIndex.prefetch``). Built beside the graph search, so the mask (one
+    read a listed clip afterwards, not a binary search) costs no latency."""
+    alpha, beta, const = (float(c) for c in coefficients)
+    pos = np.asarray(pos, np.int64)
+    h = const + alpha * np.asarray(adapter, np.float64) + beta * np.asarray(bridge, np.float64)
+    k = int(k)
+    s_lo = _kth(h, k) if 0 < k <= len(h) else -np.inf
+    member = np.zeros(int(n_clips), bool)
+    member[pos] = True
+    return HybridSeed(pos, h, float(b_bound) + _f32_margin(float(b_bound)), s_lo, member)
+
+
 def hybrid_top_k(k: int, n_clips: int, coefficients: tuple[float, float, float], *,
-                 adapter_top, adapter_at, bridge_top, bridge_above, bridge_at, factor: int = 20,
-                 min_n: int = 256, stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 adapter_top, adapter_at, bridge_top, bridge_above, bridge_at,
+                 factor: int = HYBRID_LIST_FACTOR, min_n: int = HYBRID_LIST_MIN, seed=None,
+                 stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k (clip positions, scores) of h = alpha * a + beta * b + const without scoring every clip.
 
     Callables (positions are 0..n_clips-1): ``adapter_top(n)`` -> (positions, scores[, floor]) of the
@@ -699,6 +751,12 @@ def hybrid_top_k(k: int, n_clips: int, coefficients: tuple[float, float, float],
     clips pass t (the adapter list was too short to say much), N grows 4x (one more adapter search);
     once N covers every clip all clips are scored. alpha = 0 or beta = 0 (weight 0 or 1, or a constant
     row, which ``zscore_rows`` zeroes) leave one side: its own exact top-k.
+
+    ``seed`` (``hybrid_seed``, for the same k and coefficients): clips already scored on both sides, with
+    b <= bound for every other clip (``TagSearchIndex.prefetch``, computed while the graph search runs).
+    Their k-th best h, s_lo, is a lower bound of s_k, so a listed clip outside the seed (b <= bound) needs
+    its bridge score only if alpha a + beta bound + const reaches s_lo; and when t > bound every clip with
+    b >= t is a seed clip, so ``bridge_above`` is not called.
 
     The guarantee is relative to ``adapter_top``: with an approximate index (HNSW) a clip the graph
     search misses may exceed a_N, so the hybrid is then exact with respect to that index's top N (as
@@ -725,44 +783,77 @@ def hybrid_top_k(k: int, n_clips: int, coefficients: tuple[float, float, float],
             s = const + alpha * np.asarray(adapter_at(cand), np.float64)
             if beta > 0:
                 s += beta * np.asarray(bridge_at(cand), np.float64)
-            order = np.lexsort((cand, -s))[:k]
+            order = _best(cand, s, k)
             if stats is not None:
                 stats.update(rounds=rounds, n=n_clips, candidates=n_clips, dense=True)
             return cand[order], s[order].astype(np.float32)
         pos, sa, floor = _top_list(adapter_top, n)
-        s = const + alpha * sa
-        if beta > 0 and len(pos):
-            s += beta * np.asarray(bridge_at(pos), np.float64)
         if len(pos) < k:
             n *= 4
             continue
-        s_k = float(np.partition(s, len(s) - k)[len(s) - k])
+        if seed is not None and beta > 0:
+            cand, s = _seeded(pos, const + alpha * sa, seed, beta, bridge_at)
+        else:
+            cand, s = pos, const + alpha * sa
+            if beta > 0:
+                s = s + beta * np.asarray(bridge_at(pos), np.float64)
+        s_k = _kth(s, k)
         a_out = floor + 1e-5 * max(1.0, abs(floor))  # every clip left out has a <= a_out
         if beta == 0.0:
             if s_k > const + alpha * a_out:
-                order = np.lexsort((pos, -s))[:k]
+                order = _best(cand, s, k, s_k)
                 if stats is not None:
-                    stats.update(rounds=rounds, n=n, candidates=int(len(pos)), dense=False)
-                return pos[order], s[order].astype(np.float32)
+                    stats.update(rounds=rounds, n=n, candidates=int(len(cand)), dense=False)
+                return cand[order], s[order].astype(np.float32)
             n *= 4
             continue
         t = (s_k - const - alpha * a_out) / beta
         t -= 1e-5 * max(1.0, abs(t))
-        # rescoring a clip (~0.3 us) is far cheaper than a 4x longer HNSW list (~2 us a hit): accept many
-        found = bridge_above(t, 32 * n)
-        if found is None:  # the adapter list bounds too little: lengthen it
-            n *= 4
-            continue
-        pb, sb = np.asarray(found[0], np.int64), np.asarray(found[1], np.float64)
-        new = _not_in(pb, pos)
-        pb, sb = pb[new], sb[new]
-        cand = np.concatenate([pos, pb])
-        if len(pb):
-            s = np.concatenate([s, const + beta * sb + alpha * np.asarray(adapter_at(pb), np.float64)])
-        order = np.lexsort((cand, -s))[:k]
+        if seed is None or seed.b_bound >= t:  # else every clip with b >= t is a seed clip, scored already
+            # rescoring a clip (~0.3 us) is far cheaper than a 4x longer HNSW list (~2 us a hit)
+            found = bridge_above(t, 32 * n)
+            if found is None:  # the adapter list bounds too little: lengthen it
+                n *= 4
+                continue
+            pb, sb = np.asarray(found[0], np.int64), np.asarray(found[1], np.float64)
+            new = _not_in(pb, cand)
+            pb, sb = pb[new], sb[new]
+            if len(pb):
+                cand = np.concatenate([cand, pb])
+                s = np.concatenate([s, const + beta * sb + alpha * np.asarray(adapter_at(pb), np.float64)])
+                s_k = _kth(s, k)
+        order = _best(cand, s, k, s_k)
         if stats is not None:
             stats.update(rounds=rounds, n=n, candidates=int(len(cand)), dense=False)
         return cand[order], s[order].astype(np.float32)
+
+
+def _seeded(pos, s_graph, seed: HybridSeed, beta: float, bridge_at):
+    """Candidates of one hybrid round with a seed (see ``hybrid_top_k``): every seed clip, and the listed
+    clips outside the seed that can reach the seed's k-th best score (their b <= the seed's bound)."""
+    sp = seed.pos
+    reach = ~seed.member[pos] & (s_graph + beta * seed.b_bound >= seed.s_lo - 1e-9 * (1.0 + abs(seed.s_lo)))
+    po, so = pos[reach], s_graph[reach]
+    if len(po):
+        so = so + beta * np.asarray(bridge_at(po), np.float64)
+    return np.concatenate([po, sp]), np.concatenate([so, seed.h])
+
+
+def _kth(s: np.ndarray, k: int) -> float:
+    """The k-th largest value of s (k <= len(s))."""
+    return float(np.partition(s, len(s) - k)[len(s) - k])
+
+
+def _best(cand: np.ndarray, s: np.ndarray, k: int, kth: float | None = None) -> np.ndarray:
+    """Indices of the k best of s, best first, ties to the lower clip position ``cand`` -- also across the
+    k-th place (only the entries >= the k-th value ``kth``, computed if not given, are sorted)."""
+    k = min(k, len(s))
+    if k <= 0:
+        return np.zeros(0, np.int64)
+    if kth is None:
+        kth = _kth(s, k)
+    top = np.flatnonzero(s >= kth)
+    return top[np.lexsort((cand[top], -s[top]))][:k]
 
 
 def _not_in(x: np.ndarray, pool: np.ndarray) -> np.ndarray:
@@ -772,14 +863,6 @@ def _not_in(x: np.ndarray, pool: np.ndarray) -> np.ndarray:
     listed = np.sort(pool)
     j = np.minimum(np.searchsorted(listed, x), len(listed) - 1)
     return listed[j] != x
-
-
-def _top_k_ties(s: np.ndarray, k: int) -> np.ndarray:
-    """Positions of the k largest of s, best first, ties to the lower position -- also across the k-th
-    place, which a bare argpartition would cut arbitrarily."""
-    kth = np.partition(s, len(s) - k)[len(s) - k]
-    cand = np.flatnonzero(s >= kth)
-    return cand[np.lexsort((cand, -s[cand]))][:k]
 
 
 def hybrid_top_k_dense(k: int, adapter_scores: np.ndarray, coefficients: tuple[float, float, float],
@@ -812,7 +895,7 @@ def hybrid_top_k_dense(k: int, adapter_scores: np.ndarray, coefficients: tuple[f
         if alpha == 0.0:
             return np.arange(k, dtype=np.int64), np.full(k, const, np.float32)
         s = const + alpha * a
-        top = np.lexsort((np.arange(n), -s))[:k] if k > n // 2 else _top_k_ties(s, k)
+        top = np.lexsort((np.arange(n), -s))[:k] if k > n // 2 else _best(np.arange(n), s, k)
         return top.astype(np.int64), s[top].astype(np.float32)
     if alpha == 0.0:
         pos, sb = index.top_k(d, k)

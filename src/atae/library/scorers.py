@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from atae import bridge
 from atae.errors import AtaeError, QueryError
 
 SCORER_NAMES = ("adapter", "bridge", "hybrid")
@@ -130,7 +131,6 @@ class BridgeScorer:
 
     def bridge(self, library):
         """The library's TagBridge (temperature from the model's extras, else the default)."""
-        from atae import bridge
 
         st = self._fresh(library)
         if "tb" not in st:
@@ -141,12 +141,11 @@ class BridgeScorer:
 
     def _index(self, library):
         """(segment ids with tags, their TagSearchIndex); the tag matrix itself is not kept beside it."""
-        from atae.bridge import TagSearchIndex
 
         st = self._fresh(library)
         if "index" not in st:
             ids, tags = library.db.tags_matrix()
-            st["index"] = (ids, TagSearchIndex(tags) if tags is not None and len(ids) else None)
+            st["index"] = (ids, bridge.TagSearchIndex(tags) if tags is not None and len(ids) else None)
         return st["index"]
 
     def score(self, library, text: str):
@@ -167,8 +166,37 @@ class BridgeScorer:
         return ids[pos], sc
 
 
+class IdPositions:
+    """Positions of FAISS hits (segment ids) in the sorted ids of the hybrid's segments, -1 for others
+    (segments without tags, HNSW tombstones). A table when the ids are dense (one read a hit; a binary
+    search over 100k ids misses the cache ~17 times a hit, ~40 us a query), else a binary search."""
+
+    def __init__(self, ids: np.ndarray):
+        self.ids = np.asarray(ids, np.int64)
+        self.table = None
+        if len(self.ids) and self.ids[0] >= 0 and self.ids[-1] < 4 * len(self.ids) + 1024:
+            self.table = np.full(int(self.ids[-1]) + 1, -1, np.int64)
+            self.table[self.ids] = np.arange(len(self.ids))
+
+    def __call__(self, hit: np.ndarray) -> np.ndarray:
+        hit = np.asarray(hit, np.int64)
+        if not len(self.ids):
+            return np.full(len(hit), -1, np.int64)
+        if self.table is not None:
+            inside = (hit >= 0) & (hit < len(self.table))
+            return np.where(inside, self.table[np.where(inside, hit, 0)], -1)
+        pos = np.minimum(np.searchsorted(self.ids, hit), len(self.ids) - 1)
+        return np.where(self.ids[pos] == hit, pos, -1)
+
+
+# bridge clips prefetched while an HNSW search runs: ~0.5 us each (two scattered rows), well inside the
+# ~1 ms graph search; enough to cover the bridge threshold of sharp (default-temperature) queries
+PREFETCH_CLIPS = 512
+
+
 def fast_hybrid_top(vector_index, ids, tag_index, moments, q, dist, weight: float, n: int, *,
-                    stats: dict | None = None, rows: np.ndarray | None | bool = False, **lists):
+                    stats: dict | None = None, rows: np.ndarray | None | bool = False,
+                    positions: IdPositions | None = None, overlap: bool | None = None, **lists):
     """The n best (segment ids, hybrid scores) of ``bridge.hybrid_top_k`` over a library's FAISS index.
 
     ``ids``: sorted segment ids of the hybrid's segments (tags and a vector), rows of ``tag_index``
@@ -182,32 +210,68 @@ def fast_hybrid_top(vector_index, ids, tag_index, moments, q, dist, weight: floa
     ``lists``: ``factor`` / ``min_n`` of ``bridge.hybrid_top_k`` to override that choice (benchmarks).
 
     An exact index: its stored vectors are scored directly (one matrix-vector product, the cost of the
-    adapter search itself) and ``bridge.hybrid_top_k_dense`` adds the bridge from the tag index's label
-    lists. ``rows``: ``VectorIndex.storage_rows(ids)`` when the caller caches it (False: computed here)."""
-    from atae import bridge
-    from atae.library.vectors import HNSW_EF_SEARCH
+    adapter search itself) and ``bridge.hybrid_top_k_dense`` adds the bridge from the label lists. ``rows``:
+    ``VectorIndex.storage_rows(ids)`` when the caller caches it (False: computed here); ``positions``:
+    ``IdPositions(ids)``, likewise.
 
-    coef = bridge.hybrid_coefficients(moments.moments(q), tag_index.moments(dist), weight)
+    HNSW with ``overlap`` (default: when there is a second core, ``vectors.BACKGROUND_SEARCH``): while this
+    thread runs the graph search (most of an HNSW query's time), a background thread computes the z-score
+    moments and prefetches the bridge side (``TagSearchIndex.prefetch``: the kept labels' best clips, both
+    scores exact), which seeds ``bridge.hybrid_top_k``. The result is still exact relative to the graph's
+    top-N, and closer to the dense ranking than without the seed (a clip the graph misses but the bridge
+    lists hold is found)."""
+    from atae.library.vectors import BACKGROUND_SEARCH, HNSW_EF_SEARCH, run_beside
+
     if rows is False:
         rows = vector_index.storage_rows(ids)
-    a = vector_index.all_scores(q) if not lists else None
-    if a is not None:
-        pos, sc = bridge.hybrid_top_k_dense(n, a if rows is None else a[rows], coef, tag_index, dist,
-                                            stats=stats)
-        return ids[pos], sc
+    if positions is None:
+        positions = IdPositions(ids)
+
+    def at_rows(p):
+        return p if rows is None else rows[p]
+
+    def coefficients():
+        return bridge.hybrid_coefficients(moments.moments(q), tag_index.moments(dist), weight)
+
+    def bridge_side():
+        pre = tag_index.prefetch(dist, PREFETCH_CLIPS)
+        coef = coefficients()
+        return coef, bridge.hybrid_seed(coef, n, len(ids), pre.pos,
+                                        vector_index.scores_at(q, at_rows(pre.pos)), pre.scores, pre.bound)
+
+    hnsw = vector_index.kind == "hnsw"
+    opts = lists or ({"factor": 1, "min_n": HNSW_EF_SEARCH} if hnsw else {})
+    first_n = max(int(opts.get("factor", bridge.HYBRID_LIST_FACTOR)) * int(n),
+                  int(opts.get("min_n", bridge.HYBRID_LIST_MIN)))
+    graph = seed = None
+    if hnsw and (BACKGROUND_SEARCH if overlap is None else overlap) and first_n < len(ids):
+        side = run_beside(bridge_side, background=True)
+        graph = vector_index.search(q, first_n)
+        coef, seed = side.result()
+    else:
+        coef = coefficients()
+        a = vector_index.all_scores(q) if not lists else None
+        if a is not None:
+            pos, sc = bridge.hybrid_top_k_dense(n, a if rows is None else a[rows], coef, tag_index, dist,
+                                                stats=stats)
+            return ids[pos], sc
 
     def adapter_top(k):
-        sc, hit = vector_index.search(q, k)
-        pos = np.minimum(np.searchsorted(ids, hit), len(ids) - 1)
-        ok = ids[pos] == hit
+        nonlocal graph
+        sc, hit = graph if graph is not None and k == first_n else vector_index.search(q, k)
+        graph = None
+        pos = positions(hit)
+        ok = pos >= 0
         return pos[ok], sc[ok], (float(sc[-1]) if len(sc) else np.inf)
 
     pos, sc = bridge.hybrid_top_k(
         n, len(ids), coef, adapter_top=adapter_top,
-        adapter_at=lambda p: vector_index.scores_at(q, p if rows is None else rows[p]),
+        adapter_at=lambda p: vector_index.scores_at(q, at_rows(p)),
         bridge_top=lambda k: tag_index.top_k(dist, k), bridge_at=lambda p: tag_index.exact(dist, p),
-        bridge_above=lambda t, limit: tag_index.above(dist, t, limit), stats=stats,
-        **(lists or ({"factor": 1, "min_n": HNSW_EF_SEARCH} if vector_index.kind == "hnsw" else {})))
+        bridge_above=lambda t, limit: tag_index.above(dist, t, limit), stats=stats, seed=seed, **opts)
+    if stats is not None:
+        stats["overlap"] = seed is not None
+        stats["prefetched"] = 0 if seed is None else int(len(seed.pos))
     return ids[pos], sc
 
 
@@ -224,7 +288,6 @@ class HybridScorer(BridgeScorer):
     def _check(self, library):
         """The model, once the hybrid is known usable; cached per generation because ``_require`` counts
         the library's rows (a full scan per query otherwise)."""
-        from atae import bridge
 
         st = self._fresh(library)
         if "model" not in st:
@@ -241,7 +304,6 @@ class HybridScorer(BridgeScorer):
         """Per-generation state of the segments that have both tags and a vector: their ids (sorted), the
         tag index (with the exact bridge moments), and the adapter vectors' mean and covariance. The
         vectors themselves stay in the FAISS index (read in chunks here, by id at query time)."""
-        from atae.bridge import RowMoments, TagSearchIndex
 
         st = self._fresh(library)
         if "aligned" not in st:
@@ -258,13 +320,14 @@ class HybridScorer(BridgeScorer):
             if not len(ids):
                 st["aligned"] = None
                 return None
-            moments = RowMoments(vi.dim)
+            moments = bridge.RowMoments(vi.dim)
             chunk = 16384
             for a in range(0, vi.ntotal, chunk):
                 m = min(chunk, vi.ntotal - a)
                 rows = vi.index.index.reconstruct_n(a, m)
                 moments.add(rows[np.isin(all_ids[a:a + m], ids)])
-            st["aligned"] = (ids, TagSearchIndex(tags), moments, vi.storage_rows(ids))
+            st["aligned"] = (ids, bridge.TagSearchIndex(tags), moments, vi.storage_rows(ids),
+                             IdPositions(ids))
         return st["aligned"]
 
     @staticmethod
@@ -274,14 +337,13 @@ class HybridScorer(BridgeScorer):
 
     def score(self, library, text: str):
         """Every aligned segment's hybrid score (dense: ``bridge.hybrid_scores`` over all of them)."""
-        from atae import bridge
 
         m = self._check(library)
         tb = self.bridge(library)
         al = self._aligned(library)
         if al is None:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        ids, index, _, rows = al
+        ids, index, _, rows, _ = al
         q = self._unit(library, text)
         a = library.index.scores_at(q, np.arange(len(ids)) if rows is None else rows).astype(np.float64)
         b = index.exact(tb.query_distribution([text])[0])
@@ -291,18 +353,17 @@ class HybridScorer(BridgeScorer):
         """The n best segments by the hybrid, exactly as ``score`` ranks them (``bridge.hybrid_top_k``):
         closed-form per-query z-scores from the cached moments, candidates from the FAISS adapter search
         and the tag index, rescored exactly. Exact for a flat index; with HNSW exact relative to it."""
-        from atae import bridge
 
         m = self._check(library)
         tb = self.bridge(library)
         al = self._aligned(library)
         if al is None:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        ids, index, moments, rows = al
+        ids, index, moments, rows, positions = al
         dist = tb.query_distribution([text])[0]  # first: its text pass also fills the adapter's cache
         q = self._unit(library, text)
         return fast_hybrid_top(library.index, ids, index, moments, q, dist, bridge.hybrid_weight(m), n,
-                               stats=self.last_stats, rows=rows)
+                               stats=self.last_stats, rows=rows, positions=positions)
 
 
 SCORERS = {"bridge": BridgeScorer, "hybrid": HybridScorer}

@@ -22,6 +22,9 @@
 
 from __future__ import annotations
 
+import os
+import queue
+import threading
 from pathlib import Path
 
 import faiss
@@ -39,6 +42,71 @@ TOMBSTONE_REBUILD_FRACTION = 0.2
 # idle team's synchronisation cost 20x (24 ms instead of 1 ms at 20k vectors). Searches run on one
 # thread; builds (many vectors) use every core.
 _BUILD_THREADS = max(1, faiss.omp_get_max_threads())
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# Work of a query that can run beside its graph search (the hybrid's bridge side): FAISS releases the GIL
+# while it searches, so a second core does the other part. Only where a second core exists; else inline.
+BACKGROUND_SEARCH = _usable_cores() >= 2
+_jobs: queue.SimpleQueue | None = None
+_jobs_lock = threading.Lock()
+
+
+class Beside:
+    """The result of ``run_beside``: ``result()`` waits for it (and raises what the function raised)."""
+
+    def __init__(self, box: queue.SimpleQueue | None = None, value=None, error: BaseException | None = None):
+        self._box, self._value, self._error = box, value, error
+
+    def result(self):
+        if self._box is not None:
+            ok, self._value = self._box.get()
+            self._box = None
+            if not ok:
+                self._error, self._value = self._value, None
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def _beside_worker(jobs: queue.SimpleQueue) -> None:
+    while True:
+        fn, args, box = jobs.get()
+        try:
+            box.put((True, fn(*args)))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's result()
+            box.put((False, exc))
+
+
+def run_beside(fn, *args, background: bool | None = None) -> Beside:
+    """``fn(*args)`` on a background thread when ``background`` (default ``BACKGROUND_SEARCH``), to run
+    while the caller searches the index; else now. ``result()`` of the answer returns or raises its outcome.
+
+    Why this way round (the caller searches, the thread does the rest): a search handed to a thread
+    waits for that thread to wake (~60 us on a VM), and its Python preamble for the GIL; here the search
+    starts at once and only the side work waits. A bare queue, not a ``ThreadPoolExecutor``: its futures
+    and locks cost ~20 us of Python per query on the critical path."""
+    global _jobs
+    if not (BACKGROUND_SEARCH if background is None else background):
+        try:
+            return Beside(value=fn(*args))
+        except Exception as exc:  # noqa: BLE001 - raised by result(), as from the thread
+            return Beside(error=exc)
+    if _jobs is None:
+        with _jobs_lock:
+            if _jobs is None:
+                jobs: queue.SimpleQueue = queue.SimpleQueue()
+                threading.Thread(target=_beside_worker, args=(jobs,), name="atae-beside", daemon=True).start()
+                _jobs = jobs
+    box: queue.SimpleQueue = queue.SimpleQueue()
+    _jobs.put((fn, args, box))
+    return Beside(box)
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -75,6 +143,10 @@ class VectorIndex:
     def __init__(self, index: faiss.Index):
         self.index = index
         self._ids: np.ndarray | None = None
+        # fixed for the life of the index; a downcast costs ~30 us, more than a small query's own work
+        base = faiss.downcast_index(index.index)
+        self._kind = "hnsw" if isinstance(base, faiss.IndexHNSW) else "flat"
+        self._store = faiss.downcast_index(base.storage) if self._kind == "hnsw" else base
 
     @classmethod
     def empty(cls, dim: int, kind: str) -> VectorIndex:
@@ -102,7 +174,7 @@ class VectorIndex:
 
     @property
     def kind(self) -> str:
-        return "hnsw" if isinstance(faiss.downcast_index(self.index.index), faiss.IndexHNSW) else "flat"
+        return self._kind
 
     @property
     def ntotal(self) -> int:
@@ -146,8 +218,7 @@ class VectorIndex:
 
     def _storage(self) -> faiss.IndexFlat:
         """The flat array of vectors behind the index (an HNSW graph keeps its vectors in one too)."""
-        base = faiss.downcast_index(self.index.index)
-        return faiss.downcast_index(base.storage) if isinstance(base, faiss.IndexHNSW) else base
+        return self._store
 
     def _unit_query(self, q: np.ndarray) -> np.ndarray:
         qq = normalize(q)[0]
