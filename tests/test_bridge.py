@@ -600,6 +600,73 @@ def test_fast_hybrid_skips_most_clips_and_widens_when_the_bound_fails():
     assert st["rounds"] >= 2 and not st["dense"] and len(asked) == st["rounds"]
 
 
+@pytest.mark.parametrize("lib", _libraries(), ids=lambda lib: lib[0])
+def test_prefetch_scores_its_clips_exactly_and_bounds_every_other(lib):
+    _, _, _, t, d = lib
+    b = [sum(float(x) * float(y) for x, y in zip(r, d, strict=True) if y) for r in t]
+    for depth in (8, 10_000):
+        index = br.TagSearchIndex(t, list_depth=depth)
+        for max_clips in (1, 40, 400, 5000):
+            pre = index.prefetch(d, max_clips)
+            assert list(pre.pos) == sorted(set(pre.pos.tolist()))  # sorted, distinct
+            np.testing.assert_allclose(pre.scores, [b[c] for c in pre.pos], rtol=1e-5, atol=1e-7)
+            inside = set(pre.pos.tolist())
+            others = [b[c] for c in range(len(b)) if c not in inside]
+            assert not others or max(others) <= pre.bound + 1e-6 * (1 + abs(pre.bound))
+            assert pre.depth <= depth
+
+
+def _seed(v, q, t, d, w, k, max_clips, depth=10_000):
+    index = br.TagSearchIndex(t, list_depth=depth)
+    pre = index.prefetch(d, max_clips)
+    coef = br.hybrid_coefficients(br.RowMoments.of(v).moments(q), index.moments(d), w)
+    return br.hybrid_seed(coef, k, len(v), pre.pos, v[pre.pos].astype(np.float64) @ q, pre.scores, pre.bound)
+
+
+@pytest.mark.parametrize("lib", _libraries(), ids=lambda lib: lib[0])
+@pytest.mark.parametrize("w", [0.0, 0.3, 0.5, 1.0])
+def test_seeded_hybrid_top_k_equals_brute_force(lib, w):
+    """The seed (bridge-list clips scored on both sides while the graph search runs) changes the work,
+    never the answer: from a one-clip seed to one holding every clip, with short and long adapter lists."""
+    _, v, q, t, d = lib
+    dense = _brute_hybrid(v, q, t, d, w)
+    for k in (1, 10, 37):
+        want = sorted(range(len(dense)), key=lambda c: (-dense[c], c))[:k]
+        for max_clips in (1, 40, 400, 5000):
+            seed = _seed(v, q, t, d, w, k, max_clips)
+            for lists in ({}, {"factor": 1, "min_n": 8}):
+                pos, sc, _ = _fast_hybrid(v, q, t, d, w, k, seed=seed, **lists)
+                assert list(pos) == want
+                np.testing.assert_allclose(sc, [dense[c] for c in want], rtol=1e-5, atol=1e-5)
+
+
+def test_seed_spares_the_bridge_search_and_finds_what_the_graph_missed():
+    _, v, q, t, d = _libraries()[0]
+    w, k = 0.5, 10
+    dense = _brute_hybrid(v, q, t, d, w)
+    want = sorted(range(len(dense)), key=lambda c: (-dense[c], c))[:k]
+    a = v.astype(np.float64) @ q
+    index = br.TagSearchIndex(t)
+    coef = br.hybrid_coefficients(br.RowMoments.of(v).moments(q), index.moments(d), w)
+    seed = _seed(v, q, t, d, w, k, 5000)  # every clip: any threshold is covered
+
+    def no_bridge_search(thr, limit):
+        raise AssertionError("bridge_above called although the seed covers every threshold")
+
+    # an approximate graph (as HNSW can be) that misses the hybrid's best clip
+    missed = want[0]
+    order = [c for c in np.lexsort((np.arange(len(a)), -a)) if c != missed]
+
+    def graph(n):
+        top = np.array(order[:n], np.int64)
+        return top, a[top]
+
+    kw = dict(adapter_top=graph, adapter_at=lambda p: a[p], bridge_top=lambda n: index.top_k(d, n),
+              bridge_at=lambda p: index.exact(d, p), factor=1, min_n=64)
+    pos, _ = br.hybrid_top_k(k, len(a), coef, bridge_above=no_bridge_search, seed=seed, **kw)
+    assert list(pos) == want  # no bridge search, yet the clip the graph missed: the seed holds it
+
+
 def test_search_index_above_returns_every_clip_over_the_threshold():
     tags = _corpus(5, n=800)
     index = br.TagSearchIndex(tags, max_labels=3)

@@ -252,3 +252,57 @@ def test_fast_hybrid_through_the_library_equals_brute_force(tmp_path, kind):
     res = lib.search("high", scorer="hybrid", k=2)
     assert len(res) == 2 and res[0].score >= res[1].score
     lib.close()
+
+
+def test_id_positions_table_and_search_agree_with_a_dict():
+    from atae.library.scorers import IdPositions
+
+    rng = np.random.default_rng(3)
+    dense_ids = np.sort(rng.choice(np.arange(1, 3000), 1200, replace=False))  # gaps: removed segments
+    sparse_ids = np.sort(rng.choice(10**9, 500, replace=False))  # too sparse for a table
+    for ids in (dense_ids, sparse_ids, np.zeros(0, np.int64)):
+        look = IdPositions(ids)
+        where = {int(x): i for i, x in enumerate(ids)}
+        probe = np.r_[ids[::7], -1, 0, 2999, 3000, 10**9 + 5, rng.integers(0, 4000, 50)].astype(np.int64)
+        assert list(look(probe)) == [where.get(int(x), -1) for x in probe]
+    assert IdPositions(dense_ids).table is not None and IdPositions(sparse_ids).table is None
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_fast_hybrid_over_hnsw_equals_brute_force_with_and_without_the_second_core(overlap):
+    """fast_hybrid_top over a real HNSW index (900 vectors: the graph search with efSearch 256 is exact
+    here) against loops over every clip, with the bridge side beside the search or after it."""
+    from atae.library.scorers import IdPositions, fast_hybrid_top
+    from atae.library.vectors import VectorIndex
+
+    rng = np.random.default_rng(8)
+    n = 900
+    centres = rng.standard_normal((6, 16))
+    sound = rng.integers(0, 6, n)
+    v = (centres[sound] + 0.5 * rng.standard_normal((n, 16))).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    topics = rng.random((6, br.N_LABELS)) ** 8
+    t = np.clip(topics[sound] + 0.05 * rng.random((n, br.N_LABELS)), 0, 1).astype(np.float32)
+    ids = np.arange(5, 5 + 2 * n, 2, dtype=np.int64)  # segment ids with gaps
+    vi = VectorIndex.empty(16, "hnsw")
+    vi.add(ids, v)
+    index = br.TagSearchIndex(t)
+    moments = br.RowMoments.of(v)
+    for s in range(4):
+        q = centres[s] / np.linalg.norm(centres[s])
+        cos = rng.uniform(0, 0.45, br.N_LABELS)
+        cos[np.argsort(-topics[(s + 1) % 6])[:3]] = [0.9, 0.8, 0.7]  # the bridge asks for another sound
+        d = br.softmax_rows(cos[None], br.DEFAULT_TEMPERATURE)[0]
+        a = [sum(float(x) * float(y) for x, y in zip(r, q, strict=True)) for r in v]
+        b = [sum(float(x) * float(y) for x, y in zip(r, d, strict=True)) for r in t]
+        for w in (0.3, 0.5):
+            za, zb = (np.asarray(a) - np.mean(a)) / np.std(a), (np.asarray(b) - np.mean(b)) / np.std(b)
+            mix = w * za + (1 - w) * zb
+            for k in (5, 40):
+                want = sorted(range(n), key=lambda c: (-mix[c], c))[:k]
+                stats = {}
+                got, sc = fast_hybrid_top(vi, ids, index, moments, q, d, w, k, stats=stats,
+                                          positions=IdPositions(ids), overlap=overlap)
+                assert list(got) == [int(ids[c]) for c in want]
+                np.testing.assert_allclose(sc, mix[want], rtol=1e-4, atol=1e-4)
+                assert stats["overlap"] is overlap and not stats["dense"]

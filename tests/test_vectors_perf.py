@@ -93,3 +93,53 @@ def test_in_place_scores_match_the_stored_vectors():
     want = {int(i): float(v @ qn) for i, v in zip(ids, x.astype(np.float64), strict=True)}
     np.testing.assert_allclose(vi.scores_at(q, rows), [want[int(i)] for i in kept], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(vi.all_scores(q)[rows], [want[int(i)] for i in kept], rtol=1e-5, atol=1e-6)
+
+
+def test_run_beside_returns_raises_and_uses_another_thread():
+    import threading
+
+    here = threading.get_ident()
+    job = V.run_beside(lambda x: (x * 2, threading.get_ident()), 21, background=True)
+    value, where = job.result()
+    assert value == 42 and where != here
+    assert job.result() == (42, where)  # asked twice: the same answer
+    value, where = V.run_beside(lambda x: (x, threading.get_ident()), 5, background=False).result()
+    assert value == 5 and where == here  # one core: run inline
+
+    def boom(path):
+        raise ValueError(f"bad tags in {path}")
+
+    for background in (True, False):
+        job = V.run_beside(boom, "lib/tags.npy", background=background)
+        try:
+            job.result()
+        except ValueError as exc:
+            assert "lib/tags.npy" in str(exc)
+        else:
+            raise AssertionError("the side job's error was swallowed")
+    # many callers at once (a web server's threads): each gets its own answer
+    out = {}
+
+    def caller(i):
+        out[i] = V.run_beside(lambda j: j * j, i, background=True).result()
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(16)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert out == {i: i * i for i in range(16)}
+
+
+def test_kind_and_storage_are_fixed_at_open(tmp_path):
+    x, ids = _data()
+    for kind in ("flat", "hnsw"):
+        vi = V.VectorIndex.empty(16, kind)
+        vi.add(ids, x)
+        assert vi.kind == kind
+        path = tmp_path / f"{kind}.faiss"
+        vi.save(path)
+        back = V.VectorIndex.load(path)
+        assert back.kind == kind
+        q = x[7]
+        np.testing.assert_allclose(back.scores_at(q, np.array([7, 0])), [x[7] @ q, x[0] @ q], rtol=1e-6)
