@@ -17,9 +17,11 @@ z-score statistics over all segments in closed form from cached moments (adapter
 covariance, tags' mean and covariance), which makes the hybrid a linear score. Over an exact index every
 segment's cosine comes from FAISS's kernel on its own storage (the adapter search's cost) and
 ``bridge.hybrid_top_k_dense`` adds the bridge from the label lists; over HNSW ``bridge.hybrid_top_k``
-rescores the graph's top-N plus every segment the bridge could lift past the k-th score. Both prove the
-top-k by a bound and keep no second copy of the vectors. Per-library state (tag index, moments, FAISS
-rows) is rebuilt when the library's generation, model or vector index changes.
+rescores the graph's top-N plus every segment the bridge could lift past the k-th score, with the bridge
+side (moments, the label lists' best segments scored on both sides) computed on a second core while the
+graph is searched. Both prove the top-k by a bound and keep no second copy of the vectors. Per-library
+state (tag index, moments, FAISS rows, id positions) is rebuilt when the library's generation, model or
+vector index changes.
 """
 
 from __future__ import annotations
@@ -131,7 +133,6 @@ class BridgeScorer:
 
     def bridge(self, library):
         """The library's TagBridge (temperature from the model's extras, else the default)."""
-
         st = self._fresh(library)
         if "tb" not in st:
             _require(library, "bridge")
@@ -141,7 +142,6 @@ class BridgeScorer:
 
     def _index(self, library):
         """(segment ids with tags, their TagSearchIndex); the tag matrix itself is not kept beside it."""
-
         st = self._fresh(library)
         if "index" not in st:
             ids, tags = library.db.tags_matrix()
@@ -288,7 +288,6 @@ class HybridScorer(BridgeScorer):
     def _check(self, library):
         """The model, once the hybrid is known usable; cached per generation because ``_require`` counts
         the library's rows (a full scan per query otherwise)."""
-
         st = self._fresh(library)
         if "model" not in st:
             _require(library, "hybrid")
@@ -304,7 +303,6 @@ class HybridScorer(BridgeScorer):
         """Per-generation state of the segments that have both tags and a vector: their ids (sorted), the
         tag index (with the exact bridge moments), and the adapter vectors' mean and covariance. The
         vectors themselves stay in the FAISS index (read in chunks here, by id at query time)."""
-
         st = self._fresh(library)
         if "aligned" not in st:
             ids, tags = library.db.tags_matrix()
