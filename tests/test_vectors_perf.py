@@ -143,3 +143,21 @@ def test_kind_and_storage_are_fixed_at_open(tmp_path):
         assert back.kind == kind
         q = x[7]
         np.testing.assert_allclose(back.scores_at(q, np.array([7, 0])), [x[7] @ q, x[0] @ q], rtol=1e-6)
+
+
+def test_run_beside_works_in_a_forked_child():
+    """A child forked after the worker started (multiprocessing's fork start method) gets its own worker
+    instead of waiting forever on one that did not survive the fork."""
+    import multiprocessing as mp
+    import os
+
+    if not hasattr(os, "fork"):
+        return
+    assert V.run_beside(lambda: 1, background=True).result() == 1  # the parent's worker runs
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        assert pool.apply_async(_beside_in_child).get(timeout=20) == 49
+
+
+def _beside_in_child():
+    return V.run_beside(lambda x: x * x, 7, background=True).result()

@@ -75,6 +75,16 @@ class Beside:
         return self._value
 
 
+def _forget_worker() -> None:
+    """A forked child has the queue but not the thread: start a new one on first use."""
+    global _jobs
+    _jobs = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_worker)
+
+
 def _beside_worker(jobs: queue.SimpleQueue) -> None:
     while True:
         fn, args, box = jobs.get()
