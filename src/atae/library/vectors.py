@@ -76,9 +76,9 @@ class Beside:
 
 
 def _forget_worker() -> None:
-    """A forked child has the queue but not the thread: start a new one on first use."""
-    global _jobs
-    _jobs = None
+    """A forked child has the queue but not the thread (nor a lock another thread held): start anew."""
+    global _jobs, _jobs_lock
+    _jobs, _jobs_lock = None, threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
