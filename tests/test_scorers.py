@@ -270,8 +270,8 @@ def test_id_positions_table_and_search_agree_with_a_dict():
 
 @pytest.mark.parametrize("overlap", [True, False])
 def test_fast_hybrid_over_hnsw_equals_brute_force_with_and_without_the_second_core(overlap):
-    """fast_hybrid_top over a real HNSW index (900 vectors: the graph search with efSearch 256 is exact
-    here) against loops over every clip, with the bridge side beside the search or after it."""
+    """fast_hybrid_top over a real HNSW index (960 vectors: the graph search with efSearch 256 is exact
+    here) against loops over every tagged clip, with the bridge side beside the search or after it."""
     from atae.library.scorers import IdPositions, fast_hybrid_top
     from atae.library.vectors import VectorIndex
 
@@ -285,7 +285,13 @@ def test_fast_hybrid_over_hnsw_equals_brute_force_with_and_without_the_second_co
     t = np.clip(topics[sound] + 0.05 * rng.random((n, br.N_LABELS)), 0, 1).astype(np.float32)
     ids = np.arange(5, 5 + 2 * n, 2, dtype=np.int64)  # segment ids with gaps
     vi = VectorIndex.empty(16, "hnsw")
+    # segments without tags sit in the same graph (ids in the gaps, added first, so the FAISS rows of the
+    # tagged ones are not their positions): the hybrid skips them
+    untagged = (centres[rng.integers(0, 6, 60)] + 0.5 * rng.standard_normal((60, 16))).astype(np.float32)
+    vi.add(np.arange(6, 6 + 2 * 60, 2, dtype=np.int64), untagged)
     vi.add(ids, v)
+    rows = vi.storage_rows(ids)
+    assert rows is not None and rows[0] == 60
     index = br.TagSearchIndex(t)
     moments = br.RowMoments.of(v)
     for s in range(4):
@@ -301,7 +307,7 @@ def test_fast_hybrid_over_hnsw_equals_brute_force_with_and_without_the_second_co
             for k in (5, 40):
                 want = sorted(range(n), key=lambda c: (-mix[c], c))[:k]
                 stats = {}
-                got, sc = fast_hybrid_top(vi, ids, index, moments, q, d, w, k, stats=stats,
+                got, sc = fast_hybrid_top(vi, ids, index, moments, q, d, w, k, stats=stats, rows=rows,
                                           positions=IdPositions(ids), overlap=overlap)
                 assert list(got) == [int(ids[c]) for c in want]
                 np.testing.assert_allclose(sc, mix[want], rtol=1e-4, atol=1e-4)
