@@ -700,7 +700,12 @@ def hybrid_coefficients(adapter_moments: tuple[float, float], bridge_moments: tu
     return alpha, beta, -alpha * mu_a - beta * mu_b
 
 
-HYBRID_LIST_FACTOR, HYBRID_LIST_MIN = 20, 256  # hybrid_top_k's first adapter list: max(factor * k, min)
+HYBRID_LIST_FACTOR, HYBRID_LIST_MIN = 20, 256
+
+
+def first_list_length(k: int, factor: int = HYBRID_LIST_FACTOR, min_n: int = HYBRID_LIST_MIN) -> int:
+    """Length of ``hybrid_top_k``'s first adapter list (a caller may run that search ahead of it)."""
+    return max(int(factor) * int(k), int(min_n))
 
 
 class HybridSeed(NamedTuple):
@@ -774,7 +779,7 @@ def hybrid_top_k(k: int, n_clips: int, coefficients: tuple[float, float, float],
         if stats is not None:
             stats.update(rounds=1, n=k, candidates=int(len(pos)), dense=False)
         return np.asarray(pos, np.int64), (beta * np.asarray(sb, np.float64) + const).astype(np.float32)
-    n = max(int(factor) * k, int(min_n))
+    n = first_list_length(k, factor, min_n)
     rounds = 0
     while True:
         rounds += 1

@@ -241,8 +241,7 @@ def fast_hybrid_top(vector_index, ids, tag_index, moments, q, dist, weight: floa
 
     hnsw = vector_index.kind == "hnsw"
     opts = lists or ({"factor": 1, "min_n": HNSW_EF_SEARCH} if hnsw else {})
-    first_n = max(int(opts.get("factor", bridge.HYBRID_LIST_FACTOR)) * int(n),
-                  int(opts.get("min_n", bridge.HYBRID_LIST_MIN)))
+    first_n = bridge.first_list_length(min(n, len(ids)), **opts)
     graph = seed = None
     if hnsw and (BACKGROUND_SEARCH if overlap is None else overlap) and first_n < len(ids):
         side = run_beside(bridge_side, background=True)
