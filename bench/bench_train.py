@@ -81,7 +81,7 @@ def interleaved_ratio(model, train, cfg, m_batch, rounds: int = 5, steps: int = 
     """Training steps (same code path as train_stage: packed gather, adapters, seed loss, fused Adam) and
     the reference GEMM timed alternately, so both see the same load on a shared CPU."""
     from atae.losses import SeedContrastiveLoss
-    from atae.train import _adam
+    from atae.train.loop import _adam
 
     loss_fn, opt = SeedContrastiveLoss(), _adam(list(model.parameters()), cfg)
     g = torch.Generator().manual_seed(1)

@@ -269,28 +269,6 @@ def towers_for_model(model: AlignedModel, *, audio_weights=None, text_weights=No
     return audio, text
 
 
-def audio_files(audio_dir: Path) -> list[Path]:
-    """Every audio file under ``audio_dir`` (recursive), sorted so keys and candidate order are stable."""
-    from atae.audio import AUDIO_EXTENSIONS
-
-    return sorted(p for p in Path(audio_dir).rglob("*")
-                  if p.is_file() and p.suffix.lower().lstrip(".") in AUDIO_EXTENSIONS)
-
-
-def folder_dataset(audio_dir) -> object:
-    """A caption-less dataset of every audio file under ``audio_dir`` (keys: relative POSIX paths)."""
-    from atae.data import CaptionDataset, Clip
-
-    audio_dir = Path(audio_dir)
-    if not audio_dir.is_dir():
-        raise DataError("audio folder not found", path=audio_dir, fix="check --audio-dir")
-    files = audio_files(audio_dir)
-    if not files:
-        raise DataError("no audio files found", path=audio_dir, fix="check --audio-dir")
-    return CaptionDataset(audio_dir.name, [Clip(p.relative_to(audio_dir).as_posix(), p, []) for p in files],
-                          audio_dir, [])
-
-
 SCORERS = ("adapter", "bridge", "hybrid")
 
 
@@ -391,7 +369,7 @@ def evaluate_run(run_dir=None, *, audio_dir, json_out=None, csv=None, queries=No
         seqs = [np.asarray(ttab.get(k)) for k in tkeys]
         problems = list(ds.problems) + _report_problems(report) + problems
     else:
-        from atae.data import read_queries_csv
+        from atae.data import folder_dataset, read_queries_csv
 
         qs = read_queries_csv(queries)
         ds = folder_dataset(audio_dir)
