@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from atae.errors import DataError, ModelError
-from atae.features import caption_key
+from atae.features import dataset_queries
 from atae.io import atomic_write_text
 from atae.model import AlignedModel
 
@@ -175,29 +175,6 @@ def encode_texts(text_tower, texts: Sequence[str], *, batch: int = 256) -> list[
 
 
 # ---------------------------------------------------------------------------------------- datasets
-def dataset_queries(dataset, audio_table, text_table):
-    """DCASE 2022 layout of a caption dataset: (candidate keys, caption texts, text keys, relevant
-    column per caption, problems). Clips without audio features and captions without text features
-    are left out and listed."""
-    problems, cands = [], []
-    texts, tkeys, rel = [], [], []
-    for c in dataset.clips:
-        if c.key not in audio_table:
-            problems.append(f"{c.key}: no audio features (unreadable audio?), clip and its captions left out")
-            continue
-        j = len(cands)
-        cands.append(c.key)
-        for i, cap in enumerate(c.captions):
-            k = caption_key(c.key, i)
-            if k not in text_table:
-                problems.append(f"{k}: no text features, caption left out")
-                continue
-            texts.append(cap)
-            tkeys.append(k)
-            rel.append(j)
-    return cands, texts, tkeys, rel, problems
-
-
 def evaluate_dataset(model: AlignedModel, dataset, audio_table, text_table) -> EvalResult:
     """DCASE 2022 text->audio: every caption a query, its own clip the one relevant candidate."""
     check_towers(model, getattr(audio_table, "info", None), getattr(text_table, "info", None))

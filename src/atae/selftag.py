@@ -57,8 +57,7 @@ def self_tagged_dataset(audio_dir: str | Path, tower, *, top_k: int = DEFAULT_TO
     listed in ``problems`` (one message per file, naming it). ``tags_for(path)`` may supply cached
     (T, 527) tags instead of running the tower."""
     from atae.audio import load_audio
-    from atae.data import CaptionDataset
-    from atae.data import audio_files
+    from atae.data import CaptionDataset, audio_files
 
     root = Path(audio_dir)
     if not root.is_dir():

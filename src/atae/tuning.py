@@ -33,7 +33,7 @@ def has_tags(audio_table, keys) -> bool:
 
 
 def _queries(dataset, audio_table, text_table):
-    from atae.evaluate import dataset_queries
+    from atae.features import dataset_queries
 
     if text_table is not None:
         cands, texts, tkeys, rel, _ = dataset_queries(dataset, audio_table, text_table)

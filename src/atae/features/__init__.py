@@ -3,6 +3,7 @@
 from atae.features.extract import (
     ExtractReport,
     audio_ident,
+    dataset_queries,
     ensure_dataset_features,
     extract_audio,
     extract_text,
@@ -17,6 +18,7 @@ __all__ = [
     "SequenceTable",
     "audio_ident",
     "caption_key",
+    "dataset_queries",
     "ensure_dataset_features",
     "extract_audio",
     "extract_text",

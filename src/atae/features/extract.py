@@ -300,3 +300,26 @@ def ensure_dataset_features(dataset, audio_tower: AudioTower, text_tower: TextTo
     report = ra + rt
     report.parts = {"audio": ra, "text": rt}
     return audio_table, text_table, report
+
+
+def dataset_queries(dataset, audio_table, text_table):
+    """DCASE 2022 layout of a caption dataset: (candidate keys, caption texts, text keys, relevant
+    column per caption, problems). Clips without audio features and captions without text features
+    are left out and listed."""
+    problems, cands = [], []
+    texts, tkeys, rel = [], [], []
+    for c in dataset.clips:
+        if c.key not in audio_table:
+            problems.append(f"{c.key}: no audio features (unreadable audio?), clip and its captions left out")
+            continue
+        j = len(cands)
+        cands.append(c.key)
+        for i, cap in enumerate(c.captions):
+            k = caption_key(c.key, i)
+            if k not in text_table:
+                problems.append(f"{k}: no text features, caption left out")
+                continue
+            texts.append(cap)
+            tkeys.append(k)
+            rel.append(j)
+    return cands, texts, tkeys, rel, problems

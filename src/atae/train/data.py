@@ -209,7 +209,7 @@ class ValData:
 
     @classmethod
     def build(cls, dataset, audio_table, text_table) -> ValData:
-        from atae.evaluate import dataset_queries
+        from atae.features import dataset_queries
 
         keys, _, tkeys, rel, _ = dataset_queries(dataset, audio_table, text_table)
         if not tkeys:
