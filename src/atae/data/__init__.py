@@ -15,4 +15,5 @@ from atae.data.fsd50k import read_fsd50k_noisy
 from atae.data.queries import Query, read_queries_csv
 
 __all__ = ["CaptionDataset", "Clip", "ClipMetadata", "Query", "audio_files", "folder_dataset",
-           "read_caption_csv", "read_clotho_metadata", "read_fsd50k_noisy", "read_queries_csv", "resolve_audio"]
+           "read_caption_csv", "read_clotho_metadata", "read_fsd50k_noisy", "read_queries_csv",
+           "resolve_audio"]
