@@ -1,38 +1,27 @@
-"""Hybrid search latency at 100k segments (issue 5: bridge or hybrid within 1.5x the adapter alone).
+"""Bridge and hybrid search in a 100k-segment library over HNSW: end-to-end latency, and the recall of the
+candidate rules of ``atae.library.search`` against the dense computation (which chose their lengths).
 
-One query at a time, top-64 (what ``Library.search`` fetches first for k <= 16), for the two index kinds
-a library uses (exact ``IndexFlatIP`` up to 50k vectors, HNSW above). FAISS and BLAS run one thread:
+The library is real (``atae.library.Library``: SQLite + FAISS HNSW, the real MiniLM text tower, an
+``AlignedModel``), built in a temp folder from rows written straight into its database:
 
-* adapter: the library's FAISS search alone (``VectorIndex.search``)
-* bridge: ``TagSearchIndex.top_k`` (exact; walks the sorted lists of the few labels a query needs)
-* hybrid: ``scorers.fast_hybrid_top`` (the code path of ``HybridScorer.top``): closed-form z-score
-  statistics from cached moments; over a flat index every clip's cosine from FAISS's kernel plus the
-  bridge from the label lists (``bridge.hybrid_top_k_dense``); over HNSW the graph's top-256 plus the
-  clips the bridge can lift over the k-th score (``bridge.hybrid_top_k``), where the bridge side (moments,
-  the label lists' best clips and their cosines) runs on a second core while this one searches the graph
-  (``vectors.run_beside``; a machine with one core runs it inline)
-* hybrid_1core (HNSW only): the same with the bridge side after the graph search, on one core
-* hybrid_dense: the reference, ``hybrid_scores`` over every segment, then the top 64 (timed on its own,
-  so its 400 MB pass does not empty the caches of the others)
+* tags: real EfficientAT mn04 tags of ../shared audio (ESC-50 folds 1-4 and the 43 AudioCaps clips),
+  expanded to N segments by mixing two clips' tags (``a t_i + (1 - a) t_j``, a uniform); without
+  ../shared, synthetic topic tags (64 sparse topics);
+* raw tower vectors (384-d, like mn04's): a fixed random linear map of the segment's sqrt-tags plus noise,
+  so the model's audio vectors and the tags describe the same sounds, as a tower's embedding and its own
+  tag head do; the model's adapters are untrained (random, seeded): timing does not depend on training.
 
-Three timings, all interleaved so a noisy neighbour affects every variant alike:
-**warm** (a stream of queries: each variant answers the query set in turn, its data as cached as its own
-previous queries leave it), **cold** (a 64 MB array is read on both cores before every call: what the
-text tower's ~90 MB of weights do to the caches before a real query) and **end to end** (a new query text
-each call, so no cache helps: the real MiniLM text tower, then the search). End to end, the adapter runs
-the penultimate layer (the adapters' input); the bridge and the hybrid run the last layer for the label
-distribution, and that same pass hands the penultimate layer to the adapter side (``HFTextTower.feed``),
-so a hybrid query costs one text pass.
+**End to end**: a new query text on every call (words drawn from sound captions, never repeated), through
+``Library.search(text, k=10, scorer=...)``: the text tower, the scorer, the segment rows from SQLite.
+The three scorers are interleaved call by call, so a change of load on the machine hits each alike.
 
-Data (synthetic, 512-d unit vectors + 527 tags): 64 "sounds", each a cluster centre in vector space and
-a sparse tag topic. ``correlated``: a segment's vector and tags come from the same sound and a query
-asks for one sound on both sides (the realistic case: adapter and bridge mostly agree). ``independent``:
-the vector's and the tags' sounds are drawn separately (adversarial for the candidate lists). Every fast
-result is checked against the dense reference (ids and scores).
+**Recall** (scoring only, no text tower): for each query, the dense hybrid / bridge over every segment
+(``HybridScorer.score`` / ``BridgeScorer.score``) against the candidate rule with several list lengths.
+Queries: AudioCaps captions (or generated texts), each with a query vector made from the tags of the
+caption's own clip (``agree``: both sides want the same sound) or of another random clip
+(``independent``: the sides disagree, the hard case for candidate lists).
 
-    python bench/bench_hybrid.py [--clips 100000] [--queries 20] [--repeat 3] [--no-text] [--out FILE]
-
-(default --out: bench/results/hybrid.json)
+    python bench/bench_hybrid.py [--segments 100000] [--queries 60] [--out bench/results/hybrid.json]
 """
 
 from __future__ import annotations
@@ -42,6 +31,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,257 +41,207 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-N_SOUNDS = 64
-TOP = 64
-WEIGHT = 0.5
+sys.path.insert(0, str(HERE))
+
+import shared_data  # noqa: E402
+
+RAW_DIM = 384
+WORDS = ("dog barks rain falls on a tin roof car engine idles door slams birds chirp wind blows crowd "
+         "cheers water drips glass breaks bell rings baby cries thunder rumbles footsteps on gravel siren "
+         "wails keyboard clicks train passes fire crackles cat meows church organ plays violin man speaks "
+         "woman laughs while loudly softly in the distance nearby").split()
 
 
-def make_data(n: int, rng, correlated: bool):
-    from atae import bridge as br
+class FixedTower:
+    """Stands for the audio tower whose rows the benchmark writes (the tower itself never runs)."""
 
-    centres = rng.standard_normal((N_SOUNDS, 512)).astype(np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    topics = (rng.random((N_SOUNDS, br.N_LABELS), dtype=np.float32) ** 8).astype(np.float32)
-    sound_v = rng.integers(0, N_SOUNDS, n)
-    sound_t = sound_v if correlated else rng.integers(0, N_SOUNDS, n)
-    vecs = np.empty((n, 512), np.float32)
-    for a in range(0, n, 16384):
-        s = slice(a, min(a + 16384, n))
-        v = centres[sound_v[s]] + 0.06 * rng.standard_normal((len(sound_v[s]), 512), dtype=np.float32)
-        vecs[s] = v / np.linalg.norm(v, axis=1, keepdims=True)
-    mix = rng.random((n, 1), dtype=np.float32)
-    other = topics[rng.integers(0, N_SOUNDS, n)]
-    tags = np.clip(0.7 * (0.5 + 0.5 * mix) * topics[sound_t] + 0.3 * (1 - mix) * other
-                   + 0.01 * rng.random((n, br.N_LABELS), dtype=np.float32), 0, 1)
-    tags = tags.astype(np.float16).astype(np.float32)  # a library stores tags as float16
-    return centres, topics, vecs, tags
+    name, sample_rate, has_tags = "efficientat-mn04", 32000, True
+
+    @property
+    def info(self):
+        from atae.towers.base import TowerInfo
+
+        return TowerInfo("efficientat-mn04", "audio", RAW_DIM, "bench-fixed", 32000, {})
 
 
-def queries(centres, topics, rng, n_q: int):
-    from atae import bridge as br
-
-    out = []
-    for _ in range(n_q):
-        s = int(rng.integers(0, N_SOUNDS))
-        q = centres[s] + 0.05 * rng.standard_normal(512).astype(np.float32)
-        q /= np.linalg.norm(q)
-        cos = rng.uniform(0.0, 0.45, br.N_LABELS)
-        top = np.argsort(-topics[s])[:4]  # the query names the sound's strongest labels
-        cos[top] = [0.9, 0.8, 0.75, 0.7]
-        out.append((q.astype(np.float32), br.softmax_rows(cos[None], br.DEFAULT_TEMPERATURE)[0]))
-    return out
+def source_tags(rng) -> tuple[np.ndarray, list[list[str]], str]:
+    """(real clip tags (n0, 527), captions of the last clips or [], description)."""
+    shared = shared_data.shared_root()
+    if shared is None:
+        topics = (rng.random((64, 527)) ** 8).astype(np.float32)
+        mix = rng.dirichlet(np.full(64, 0.1), size=2000).astype(np.float32)
+        return np.clip(mix @ topics + 0.01 * rng.random((2000, 527)), 0, 1), [], "synthetic topics"
+    esc_files, _, _ = shared_data.esc50(shared)
+    ac_files, captions = shared_data.audiocaps(shared)
+    tags = shared_data.whole_clip_tags(esc_files + ac_files, shared)
+    return tags, captions, "mn04 tags of ESC-50 folds 1-4 + 43 AudioCaps clips (mixed in pairs)"
 
 
-WORDS = ("dog barks rain falls tin roof car engine idles door slams birds chirp wind blows crowd cheers "
-         "water drips glass breaks bell rings baby cries thunder rumbles footsteps gravel siren wails "
-         "keyboard clicks train passes fire crackles cat meows church organ plays violin").split()
+def build(root: Path, n: int, rng):
+    """A library of n one-segment files (rows written directly), its model, the map tags -> raw."""
+    import torch
+
+    from atae.library import Library
+    from atae.library.db import SegmentIn
+    from atae.model import AlignedModel
+    from atae.towers.registry import get_text_tower
+
+    src, captions, what = source_tags(rng)
+    i, j = rng.integers(0, len(src), n), rng.integers(0, len(src), n)
+    a = rng.random((n, 1), dtype=np.float32)
+    tags = np.clip(a * src[i] + (1 - a) * src[j], 0, 1).astype(np.float32)
+    proj = rng.standard_normal((527, RAW_DIM)).astype(np.float32) / np.sqrt(527)
+
+    def raw_of(t):
+        r = np.sqrt(t) @ proj
+        return r + 0.1 * np.linalg.norm(r, axis=-1, keepdims=True) * rng.standard_normal(r.shape) / np.sqrt(
+            RAW_DIM)
+
+    torch.manual_seed(0)
+    model = AlignedModel(FixedTower().info, get_text_tower("minilm").info)
+    model.eval()
+    raw = raw_of(tags).astype(np.float32)
+    lib = Library.open(root, create=True, audio_tower=FixedTower(), model=model)
+    t0 = time.perf_counter()
+    for a0 in range(0, n, 5000):
+        with lib.db.transaction():
+            for k in range(a0, min(a0 + 5000, n)):
+                lib.db.put_file(path=f"/bench/{k:07d}.wav", size=1, mtime_ns=1, hash=None, duration=5.0,
+                                sample_rate=32000, channels=1, encoder="bench", model_version=None,
+                                status="ok", error=None,
+                                segments=[SegmentIn(0.0, 5.0, raw[k][None], tags[k])])
+    lib.close()
+    lib = Library.open(root, model=model)  # builds the FAISS index from the rows (HNSW above 50k)
+    return lib, model, tags, src, captions, raw_of, what, time.perf_counter() - t0
 
 
-class TextSide:
-    """The real text towers (MiniLM) for end-to-end timings, with a fresh query text on every call."""
+class Texts:
+    """Fresh query texts: 7 caption words, never the same text twice."""
 
     def __init__(self, seed: int):
-        from atae import bridge as br
-        from atae.towers.registry import get_text_tower
+        self.rng, self.seen = np.random.default_rng(seed), set()
 
-        self.adapter_tower = get_text_tower("minilm")  # layer -2, as the adapters are trained on
-        self.tag_bridge = br.TagBridge(self.adapter_tower)  # reads layer -1 and feeds layer -2 back
-        self.tag_bridge.label_matrix  # noqa: B018 - label embeddings once, outside the timings
-        self.rng = np.random.default_rng(seed)
-        self.seen: set[str] = set()
-
-    def fresh_text(self) -> str:
+    def __call__(self) -> str:
         while True:
-            t = " ".join(self.rng.choice(WORDS, 8))
+            t = " ".join(self.rng.choice(WORDS, 7))
             if t not in self.seen:
                 self.seen.add(t)
                 return t
 
-    def adapter_query(self, text: str) -> None:
-        self.adapter_tower.encode([text])
 
-    def both_queries(self, text: str) -> None:
-        self.tag_bridge.query_distribution([text])
-        self.adapter_tower.encode([text])  # a cache hit: the bridge's pass filled it
-
-
-class Flush:
-    """Reads a 64 MB array on both cores (the background thread's and this one), emptying their caches."""
-
-    def __init__(self):
-        self.junk = np.ones(16 << 20, np.float32)
-
-    def __call__(self) -> None:
-        from atae.library.vectors import run_beside
-
-        job = run_beside(self.junk.sum, background=True)
-        self.junk.sum()
-        job.result()
+def end_to_end(lib, n_q: int, seed: int) -> dict:
+    texts = Texts(seed)
+    names = ("adapter", "bridge", "hybrid")
+    for name in names:  # build the shared search state, label embeddings and caches outside the timings
+        lib.search(texts(), k=10, scorer=name)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(n_q):
+        for name in names[i % 3:] + names[:i % 3]:
+            text = texts()
+            t0 = time.perf_counter()
+            lib.search(text, k=10, scorer=name)
+            times[name].append(time.perf_counter() - t0)
+    base = float(np.median(times["adapter"]))
+    return {n: {"p50_ms": 1e3 * float(np.median(v)), "p95_ms": 1e3 * float(np.percentile(v, 95)),
+                "p50_over_adapter": float(np.median(v)) / base} for n, v in times.items()}
 
 
-def _latency(times: dict[str, list[float]]) -> dict:
-    base = float(np.percentile(times["adapter"], 50))
-    out = {}
-    for k, v in times.items():
-        p50, p95 = float(np.percentile(v, 50)), float(np.percentile(v, 95))
-        out[k] = {"p50": p50 * 1e3, "p95": p95 * 1e3, "p50_over_adapter": p50 / base}
+def recall_sweep(lib, model, src, captions, raw_of, n_q: int, seed: int) -> dict:
+    from atae.library import scorers, search
+    from atae.scoring import Fusion
+
+    rng = np.random.default_rng(seed)
+    st = lib.search_state()
+    tb = lib.tag_bridge
+    texts = [c for caps in captions for c in caps] or [Texts(seed)() for _ in range(n_q)]
+    clip_of = [k for k, caps in enumerate(captions) for _ in caps] or list(rng.integers(0, len(src), n_q))
+    offset = len(src) - len(captions) if captions else 0  # AudioCaps clips are the last rows of src
+    pick = rng.choice(len(texts), min(n_q, len(texts)), replace=False)
+    lists = (64, 128, 256, 512, 1024)
+    out: dict = {"queries": int(len(pick)), "hybrid": {}, "bridge": {}}
+    w = float(Fusion.of(model).weights(np.zeros((1, 1)))[0])
+    for case in ("agree", "independent"):
+        rec = {m: {"r10": [], "r64": [], "ms": []} for m in lists}
+        for qi in pick:
+            sentence = tb.sentences([texts[qi]])
+            dist = tb.distribution(sentence)[0]
+            clip = offset + clip_of[qi] if case == "agree" else int(rng.integers(0, len(src)))
+            q = model.encode_audio([raw_of(src[clip])[None].astype(np.float32)])[0]
+            a = lib.index.scores_at(q, st.rows)
+            dense = scorers.scoring.hybrid_scores(a[None], st.bridge_at(np.arange(len(st)), dist)[None], w)[0]
+            want = np.lexsort((np.arange(len(dense)), -dense))[:64]
+            for m in lists:
+                t0 = time.perf_counter()
+                pos, _ = st.hybrid_top(q, dist, w, 64, candidates=m)
+                rec[m]["ms"].append(1e3 * (time.perf_counter() - t0))
+                rec[m]["r10"].append(len(set(pos[:10]) & set(want[:10])) / 10)
+                rec[m]["r64"].append(len(set(pos) & set(want)) / 64)
+        out["hybrid"][case] = {m: {k: float(np.mean(v)) if k != "ms" else float(np.median(v))
+                                   for k, v in r.items()} for m, r in rec.items()}
+    # the bridge's projection: rank x candidates, against every segment scored
+    evals, vecs = np.linalg.eigh(st.bridge_cov)
+    explained = np.cumsum(evals[::-1]) / evals.sum()
+    dists = [tb.distribution(tb.sentences([texts[qi]]))[0] for qi in pick]
+    for rank in (16, 32, 64, 128):
+        basis = np.ascontiguousarray(vecs[:, ::-1][:, :rank], dtype=np.float32)
+        low = np.ascontiguousarray(st.feats @ basis)
+        for m in (256, 1024, 4096):
+            r10, r64, ms = [], [], []
+            for d in dists:
+                exact = st.feats @ d
+                want = np.lexsort((np.arange(len(exact)), -exact))[:64]
+                t0 = time.perf_counter()
+                cand = np.argpartition(-(low @ (basis.T @ d)), m)[:m]
+                got = cand[np.lexsort((cand, -(st.feats[cand] @ d)))][:64]
+                ms.append(1e3 * (time.perf_counter() - t0))
+                r10.append(len(set(got[:10]) & set(want[:10])) / 10)
+                r64.append(len(set(got) & set(want)) / 64)
+            out["bridge"][f"rank {rank}, {m} candidates"] = {
+                "explained_variance": float(explained[rank - 1]), "r10": float(np.mean(r10)),
+                "r64": float(np.mean(r64)), "ms": float(np.median(ms))}
+    out["shipped"] = {"RANK": search.RANK, "BRIDGE_CANDIDATES": search.BRIDGE_CANDIDATES,
+                      "HYBRID_CANDIDATES": search.HYBRID_CANDIDATES, "DENSE_LIMIT": search.DENSE_LIMIT}
     return out
 
 
-def _within(lat: dict, names=("bridge", "hybrid")) -> bool:
-    return all(lat[n]["p50_over_adapter"] <= 1.5 for n in names if n in lat)
-
-
-def run_case(n: int, correlated: bool, n_q: int, repeat: int, seed: int, kind: str = "flat",
-             text: TextSide | None = None, flush: Flush | None = None) -> dict:
-    import faiss
-
-    from atae import bridge as br
-    from atae.library.scorers import IdPositions, fast_hybrid_top
-    from atae.library.vectors import VectorIndex
-
-    rng = np.random.default_rng(seed)
-    centres, topics, vecs, tags = make_data(n, rng, correlated)
-    ids = np.arange(1, n + 1, dtype=np.int64)  # segment ids as SQLite gives them
-    t0 = time.perf_counter()
-    vi = VectorIndex.empty(512, kind)
-    vi.add(ids, vecs)
-    vector_build = time.perf_counter() - t0
-    faiss.omp_set_num_threads(1)
-    t0 = time.perf_counter()
-    tag_index = br.TagSearchIndex(tags)
-    tag_build = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    moments = br.RowMoments(512)
-    for a in range(0, n, 16384):  # as HybridScorer does: chunks read back from the FAISS index
-        moments.add(vi.index.index.reconstruct_n(a, min(16384, n - a)))
-    moments.moments(np.ones(512))  # the per-library factorisation, once (HybridScorer caches it too)
-    moments_build = time.perf_counter() - t0
-    rows, positions = vi.storage_rows(ids), IdPositions(ids)  # cached per library generation
-    qs = queries(centres, topics, rng, n_q)
-    flush = flush or Flush()
-
-    def top(s):
-        part = np.argpartition(-s, TOP)[:TOP]
-        return part[np.lexsort((part, -s[part]))]
-
-    stats: dict = {}
-
-    def hybrid_with(overlap):
-        return lambda q, d: fast_hybrid_top(vi, ids, tag_index, moments, q, d, WEIGHT, TOP, stats=stats,
-                                            rows=rows, positions=positions, overlap=overlap)
-
-    fns = {"adapter": lambda q, d: vi.search(q, TOP), "bridge": lambda q, d: tag_index.top_k(d, TOP),
-           "hybrid": hybrid_with(None)}
-    if kind == "hnsw":
-        fns["hybrid_1core"] = hybrid_with(False)
-
-    # correctness against the dense reference, and the fast path's work per query
-    check: dict = {}
-    for name in [k for k in fns if k.startswith("hybrid")]:
-        worst, id_mismatch, recall, rounds, cands = 0.0, 0, [], [], []
-        for q, d in qs:
-            ref = br.hybrid_scores((vecs.astype(np.float64) @ q)[None],
-                                   (tags.astype(np.float64) @ d)[None], WEIGHT)[0]
-            want = np.lexsort((np.arange(n), -ref))[:TOP]
-            got_ids, got_sc = fns[name](q, d)
-            worst = max(worst, float(np.abs(got_sc - np.sort(ref)[::-1][:TOP]).max()))
-            id_mismatch += int(not np.array_equal(got_ids - 1, want))  # HNSW: exact only relative to it
-            recall.append(len(np.intersect1d(got_ids - 1, want)) / TOP)
-            rounds.append(stats["rounds"])
-            cands.append(stats["candidates"])
-        check[name] = {"rounds_max": int(max(rounds)), "candidates_median": float(np.median(cands)),
-                       "candidates_max": int(max(cands)), "max_abs_score_error_vs_dense": worst,
-                       "queries_with_other_ids_than_dense": id_mismatch,
-                       "recall_at_64_vs_dense": float(np.mean(recall))}
-    for f in fns.values():
-        f(*qs[0])
-    warm: dict[str, list[float]] = {k: [] for k in fns}
-    cold: dict[str, list[float]] = {k: [] for k in fns}
-    for r in range(repeat):
-        order = list(fns) if r % 2 == 0 else list(fns)[::-1]
-        for key in order:  # warm: a stream of queries per variant
-            for q, d in qs:
-                t1 = time.perf_counter()
-                fns[key](q, d)
-                warm[key].append(time.perf_counter() - t1)
-        for i, (q, d) in enumerate(qs):  # cold: caches emptied before every call
-            for key in (order if i % 2 == 0 else order[::-1]):
-                flush()
-                t1 = time.perf_counter()
-                fns[key](q, d)
-                cold[key].append(time.perf_counter() - t1)
-    dense = []
-    for q, d in qs[: max(3, n_q // 4)]:
-        t1 = time.perf_counter()
-        top(br.hybrid_scores((vecs @ q)[None], (tags @ d)[None], WEIGHT)[0])
-        dense.append(time.perf_counter() - t1)
-    res = {"n_segments": n, "case": "correlated" if correlated else "independent", "index": kind,
-           "vector_index_build_s": vector_build, "queries": n_q, "timed_calls_per_variant": n_q * repeat,
-           "top": TOP, "weight": WEIGHT, "tag_index_build_s": tag_build,
-           "vector_moments_build_s": moments_build, "check": check}
-    for name, times in (("warm", warm), ("cold", cold)):
-        lat = _latency(times)
-        res[f"latency_ms_{name}"] = lat
-        res[f"{name}_within_1.5x"] = _within(lat)
-    res["hybrid_dense_ms_p50"] = float(np.median(dense)) * 1e3
-    res["hybrid_dense_over_adapter_warm"] = (res["hybrid_dense_ms_p50"]
-                                             / res["latency_ms_warm"]["adapter"]["p50"])
-    if text is not None:  # end to end: the text side of each variant, then its search
-        e2e = {"adapter": lambda q, d: (text.adapter_query(text.fresh_text()), fns["adapter"](q, d)),
-               "bridge": lambda q, d: (text.tag_bridge.query_distribution([text.fresh_text()]),
-                                       fns["bridge"](q, d)),
-               "hybrid": lambda q, d: (text.both_queries(text.fresh_text()), fns["hybrid"](q, d))}
-        times = {k: [] for k in e2e}
-        for r in range(repeat):
-            for i, (q, d) in enumerate(qs):
-                for key in (list(e2e) if (i + r) % 2 == 0 else list(e2e)[::-1]):
-                    t1 = time.perf_counter()
-                    e2e[key](q, d)
-                    times[key].append(time.perf_counter() - t1)
-        lat = _latency(times)
-        res["latency_ms_end_to_end"] = lat
-        res["end_to_end_within_1.5x"] = _within(lat)
-    return res
-
-
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--clips", type=int, default=100_000)
-    ap.add_argument("--queries", type=int, default=20)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--segments", type=int, default=100_000)
+    ap.add_argument("--queries", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--index", default="flat,hnsw", help="vector index kinds to run (comma separated)")
-    ap.add_argument("--no-text", action="store_true", help="skip the end-to-end timings (no MiniLM)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "hybrid.json")
     args = ap.parse_args(argv)
     import faiss
     import torch
 
-    faiss.omp_set_num_threads(1)
-    torch.set_num_threads(1)
-    text = None if args.no_text else TextSide(args.seed)
-    from atae.library.vectors import BACKGROUND_SEARCH
-
-    result = {"machine": platform.machine(), "python": platform.python_version(), "threads": 1,
-              "cores": os.cpu_count(), "hybrid_side_thread": BACKGROUND_SEARCH,
-              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cases": []}
-    for kind in args.index.split(","):
-        for correlated in (True, False):
-            r = run_case(args.clips, correlated, args.queries, args.repeat, args.seed, kind, text)
-            print(json.dumps(r, indent=1), flush=True)
-            result["cases"].append(r)
-    print("\nindex  data         timing      " + "  ".join(f"{k:>12s}" for k in
-                                                         ("bridge", "hybrid", "hybrid_1core")))
-    for r in result["cases"]:
-        for timing in ("warm", "cold", "end_to_end"):
-            lat = r.get(f"latency_ms_{timing}")
-            if lat:
-                cells = [f"{lat[k]['p50_over_adapter']:11.2f}x" if k in lat else f"{'-':>12s}"
-                         for k in ("bridge", "hybrid", "hybrid_1core")]
-                print(f"{r['index']:6s} {r['case']:12s} {timing:11s} " + "  ".join(cells))
+    torch.set_num_threads(1)  # one query = one thread, as one web request is served
+    rng = np.random.default_rng(args.seed)
+    with tempfile.TemporaryDirectory() as d:
+        lib, model, tags, src, captions, raw_of, what, build_s = build(Path(d) / "lib", args.segments, rng)
+        faiss.omp_set_num_threads(1)
+        t0 = time.perf_counter()
+        lib.search_state()
+        state_s = time.perf_counter() - t0
+        print(f"library: {args.segments} segments ({what}), index {lib.index.kind}, built in "
+              f"{build_s:.0f} s; search state {state_s:.1f} s", flush=True)
+        e2e = end_to_end(lib, args.queries, args.seed)
+        for name, r in e2e.items():
+            print(f"  end to end {name:8s} p50 {r['p50_ms']:6.1f} ms  p95 {r['p95_ms']:6.1f} ms  "
+                  f"{r['p50_over_adapter']:.2f}x the adapter", flush=True)
+        rec = recall_sweep(lib, model, src, captions, raw_of, args.queries, args.seed)
+        for case, rows in rec["hybrid"].items():
+            for m, r in rows.items():
+                print(f"  hybrid {case:11s} lists {m:5d}: recall@10 {r['r10']:.3f} @64 {r['r64']:.3f}, "
+                      f"{r['ms']:.2f} ms", flush=True)
+        for name, r in rec["bridge"].items():
+            print(f"  bridge {name:28s} ({r['explained_variance']:.2f} of the variance): recall@10 "
+                  f"{r['r10']:.3f} @64 {r['r64']:.3f}, {r['ms']:.2f} ms", flush=True)
+        lib.close()
+    result = {"segments": args.segments, "data": what, "index": "hnsw" if args.segments > 50_000 else "flat",
+              "build_seconds": build_s, "search_state_seconds": state_s, "end_to_end": e2e, "recall": rec,
+              "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    args.out.write_text(json.dumps(result, indent=1, default=str))
     print("wrote", args.out)
     return 0
 

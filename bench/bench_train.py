@@ -57,9 +57,12 @@ class _PackedTable:
         return self.p.data[self.p.offsets[i]:self.p.offsets[i + 1]].numpy()
 
     def batch(self, keys):
-        from atae.evaluate import pad_sequences
-
-        return pad_sequences([self.get(k) for k in keys], self.info.dim)
+        seqs = [self.get(k) for k in keys]
+        z = np.zeros((len(seqs), max(len(s) for s in seqs), self.info.dim), np.float32)
+        mask = np.zeros(z.shape[:2], bool)
+        for i, s in enumerate(seqs):
+            z[i, :len(s)], mask[i, :len(s)] = s, True
+        return torch.from_numpy(z), torch.from_numpy(mask)
 
 
 def gemm_flops(m, k, n, seconds_target=2.0):

@@ -343,7 +343,7 @@ def esc_section(ctx: Ctx, seeds: list[int], protocol: str, rows_wanted: list[str
     "refit": the main run of each seed picks the epoch count (and the hybrid weight, on fold 3), then the
     adapters are retrained from scratch on folds 1-3 for that many epochs (no validation) and fold 4 is
     scored once. ``transfer_to``: an AudioCaps scorer that receives each model (cross-domain rows)."""
-    from atae import bridge as br
+    from atae import scoring, tuning
 
     sel_folds = ((1, 2), (3,)) if protocol in ("main", "refit") else ((1, 2, 3), (4,))
     sel_train, val_ds = ctx.esc(sel_folds[0]), ctx.esc(sel_folds[1])
@@ -379,10 +379,10 @@ def esc_section(ctx: Ctx, seeds: list[int], protocol: str, rows_wanted: list[str
             per_seed.append(test.per_query(cls, cap))
             if val is not None and with_extras:
                 vcls, _ = val.adapter_scores(sel)  # tuned on fold 3 by the model that never trained on it
-                w = br.tune_hybrid_weight(vcls, val.bridge_class, val.class_rel)
+                w = tuning.tune_hybrid_weight(vcls, val.bridge_class, val.class_rel)
                 weights.append(w)
-                hyb_seed.append(test.per_query(br.hybrid_scores(cls, test.bridge_class, w),
-                                               br.hybrid_scores(cap, test.bridge_cap, w)))
+                hyb_seed.append(test.per_query(scoring.hybrid_scores(cls, test.bridge_class, w),
+                                               scoring.hybrid_scores(cap, test.bridge_cap, w)))
                 if transfer_to is not None:
                     transfer_to(name, model, w)
         rows[name] = agg_groups(per_seed)
@@ -459,17 +459,17 @@ class AudioCaps:
 
     def transfer(self, name, model, weight):
         """Record an ESC-trained model's per-query values on every AudioCaps caption (and its hybrid)."""
-        from atae import bridge as br
+        from atae import scoring
 
         s = self.adapter(model)
         self.transferred.setdefault(f"transferred from ESC-50: {name}", []).append(self.pq(s, self.rel))
         if weight is not None:
             row = f"transferred hybrid: {name} + bridge (ESC fold-3 weight)"
             self.transferred.setdefault(row, []).append(
-                self.pq(br.hybrid_scores(s, self.bridge_scores, weight), self.rel))
+                self.pq(scoring.hybrid_scores(s, self.bridge_scores, weight), self.rel))
 
     def kfold(self, seeds: list[int], rows_wanted: list[str]) -> dict:
-        from atae import bridge as br
+        from atae import scoring, tuning
 
         rows, runs = {}, {}
         n = len(self.folds)
@@ -488,8 +488,9 @@ class AudioCaps:
                     tq, vq = self.queries_of(test_c), self.queries_of(val_c)
                     s_t, s_v = self.adapter(model, tq), self.adapter(model, vq)
                     parts.append(self.pq(s_t, self.rel[tq]))
-                    w = br.tune_hybrid_weight(s_v, self.bridge_scores[vq], list(self.rel[vq]))
-                    hparts.append(self.pq(br.hybrid_scores(s_t, self.bridge_scores[tq], w), self.rel[tq]))
+                    w = tuning.tune_hybrid_weight(s_v, self.bridge_scores[vq], list(self.rel[vq]))
+                    h = scoring.hybrid_scores(s_t, self.bridge_scores[tq], w)
+                    hparts.append(self.pq(h, self.rel[tq]))
                 per_seed.append({m: np.concatenate([p[m] for p in parts]) for m in parts[0]})
                 hyb_seed.append({m: np.concatenate([p[m] for p in hparts]) for m in hparts[0]})
             rows[f"5-fold: {name}"] = {"caption": aggregate(per_seed)}

@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 import soundfile as sf
-import torch
 
 from atae.towers.base import AudioEncoding, AudioTower, TextTower, TowerInfo
 
@@ -89,15 +88,15 @@ class IdentityModel:
         self.text_info = WordTower().info
 
     @staticmethod
-    def _mean(z, mask):
-        m = mask.to(z.dtype)[..., None]
-        return (z * m).sum(1) / m.sum(1).clamp_min(1)
+    def _unit_means(seqs) -> np.ndarray:
+        m = np.stack([np.asarray(s, dtype=np.float32).mean(axis=0) for s in seqs])
+        return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
 
-    def embed_audio(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self._mean(z, mask)
+    def encode_audio(self, seqs) -> np.ndarray:
+        return self._unit_means(seqs)
 
-    def embed_text(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self._mean(z, mask)
+    def encode_text(self, seqs) -> np.ndarray:
+        return self._unit_means(seqs)
 
 
 def write_tone(path, freq: float | None, seconds: float = 2.0, sr: int = SR, event=None, seed: int = 0):

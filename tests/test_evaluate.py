@@ -20,6 +20,7 @@ from atae.evaluate import (
     top_k_indices,
 )
 from atae.model import AlignedModel
+from atae.scoring import adapter_scores
 from atae.towers.base import TowerInfo
 from train_fakes import AUDIO_INFO, TEXT_INFO, FakeClip, FakeDataset, make_world
 
@@ -101,8 +102,10 @@ def test_score_matrix_matches_independent_cosine(world_model):
     ds, atab, ttab, model = world_model
     akeys = [c.key for c in ds["val"].clips]
     tseqs = [ttab.get(f"{c.key}#0") for c in ds["test"].clips]
-    got = score_matrix(model, atab, akeys, tseqs, chunk=5)
-    np.testing.assert_allclose(got, _numpy_cos(model, atab, akeys, tseqs), atol=1e-5)
+    want = _numpy_cos(model, atab, akeys, tseqs)
+    np.testing.assert_allclose(score_matrix(model, atab, akeys, tseqs), want, atol=1e-5)
+    chunked = adapter_scores(model, [atab.get(k) for k in akeys], tseqs, chunk=5)
+    np.testing.assert_allclose(chunked, want, atol=1e-5)
 
 
 def test_evaluate_dataset_and_outputs(world_model, tmp_path):

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from atae.errors import LibraryError, QueryError
-from atae.library import Library, validate_text_query
+from atae.library import Library
 from atae.library.lock import WriterLock
+from atae.query import clean_query
 from library_fakes import FREQS, BandTower, IdentityModel, WordTower, write_tone
 
 
@@ -150,12 +151,12 @@ def test_bad_queries_raise_query_error(tmp_path, sounds, q):
 
 
 def test_query_normalisation():
-    assert validate_text_query("  a\tdoor\n creaks  ") == "a door creaks"
-    assert validate_text_query("ü" * 5000) == "ü" * 5000  # 10,000 bytes: at the limit
+    assert clean_query("  a\tdoor\n creaks  ") == "a door creaks"
+    assert clean_query("ü" * 5000) == "ü" * 5000  # 10,000 bytes: at the limit
     with pytest.raises(QueryError, match="bytes"):
-        validate_text_query("ü" * 5001)
+        clean_query("ü" * 5001)
     with pytest.raises(QueryError):
-        validate_text_query(None)
+        clean_query(None)
 
 
 def test_text_search_without_model_is_a_clear_error_but_example_works(tmp_path, sounds):

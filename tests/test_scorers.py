@@ -1,4 +1,4 @@
-"""Scorer choice and bad input (issue 5) through the library, `atae search` and the HTTP API: a tower
+"""Scorer choice and bad input through the library, `atae search` and the HTTP API: a tower
 without an AudioSet head asked for bridge/hybrid, a model from another tower, a query with no words."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from atae.cli import main
 from atae.errors import QueryError
 from atae.library import Library
 from atae.model import AlignedModel
+from atae.scoring import EXTRA_HYBRID_WEIGHT
 from atae.towers import registry
 from atae.towers.base import TowerInfo
 from library_fakes import FREQS, BandTower, IdentityModel, WordTower, write_tone, write_tone_mix
@@ -94,7 +95,7 @@ def _run_dir(path, audio_info, weight=None) -> str:
                 lin.weight.copy_(torch.eye(16))
                 lin.bias.zero_()
     if weight is not None:
-        m.extras[br.EXTRA_HYBRID_WEIGHT] = weight
+        m.extras[EXTRA_HYBRID_WEIGHT] = weight
     m.save(path)
     return path
 
@@ -129,15 +130,16 @@ def test_cli_default_scorer_is_bridge_without_a_model(tmp_path, sounds):
     rows = json.loads(out)
     assert len(rows) == 3
     # brute force: WordTower gives zero vectors for label prompts, so the query's distribution over the
-    # 527 labels is uniform and each file scores the mean of its stored tags
+    # 527 labels is uniform and each file scores the mean of its stored tags' square roots
     lib = Library.open(tmp_path / "lib")
     exp = {}
     for sid, blob in lib.db.conn.execute("SELECT id, tags FROM segments").fetchall():
         path = lib.db.segment_rows([sid])[sid][1]
-        exp[path] = float(np.frombuffer(blob, np.float16).astype(np.float64).mean())
+        exp[path] = float(np.sqrt(np.frombuffer(blob, np.float16).astype(np.float64)).mean())
     lib.close()
     assert [r["path"] for r in rows] == sorted(exp, key=exp.get, reverse=True)
-    np.testing.assert_allclose([r["score"] for r in rows], sorted(exp.values(), reverse=True), rtol=1e-4)
+    # the JSON rounds scores to 6 decimals
+    np.testing.assert_allclose([r["score"] for r in rows], sorted(exp.values(), reverse=True), atol=6e-7)
     code, out = _cli("search", "--db", tmp_path / "lib", "high", "--scorer", "hybrid")
     assert code == 2 and "trained model" in out
 
@@ -203,14 +205,25 @@ def test_dataset_mode_scorers(tmp_path):
     assert code == 2 and "no AudioSet head" in out and "Traceback" not in out
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw"])
-def test_fast_hybrid_through_the_library_equals_brute_force(tmp_path, kind):
-    """HybridScorer.top against every segment scored with loops here: WordTower gives zero label
-    embeddings, so the query's label distribution is uniform and b = the mean of a segment's stored tags;
-    the query "high" is the one-hot of the HIGH band, so a = the segment vector's entry in that band."""
-    import faiss
+def _z(row):
+    n = len(row)
+    mu = sum(row) / n
+    sd = (sum((x - mu) ** 2 for x in row) / n) ** 0.5
+    return [(x - mu) / sd for x in row]
 
+
+def _top_ids(score, ids, n):
+    return [int(ids[c]) for c in sorted(range(len(ids)), key=lambda c: (-score[c], ids[c]))[:n]]
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_hybrid_through_the_library_equals_brute_force(tmp_path, kind):
+    """HybridScorer.top against every segment scored with loops here: WordTower gives zero label
+    embeddings, so the query's label distribution is uniform and b = the mean of a segment's sqrt tags;
+    the query "high" is the one-hot of the HIGH band, so a = the segment vector's entry in that band.
+    The candidates are the adapter's and the bridge's top HYBRID_CANDIDATES, rescored."""
     from atae.library.scorers import HybridScorer
+    from atae.library.search import HYBRID_CANDIDATES
 
     for i in range(4):
         write_tone_mix(tmp_path / "sounds" / f"m{i}.wav", 30.0, seed=i)
@@ -219,33 +232,23 @@ def test_fast_hybrid_through_the_library_equals_brute_force(tmp_path, kind):
     lib.add([tmp_path / "sounds"])
     assert lib.index.kind == kind  # HNSW at this size with efSearch >= 256 visits every vector: exact
     rows = lib.db.conn.execute("SELECT id, tags FROM segments ORDER BY id").fetchall()
-    vi = lib.index
-    vec_of = dict(zip(faiss.vector_to_array(vi.index.id_map).tolist(),
-                      vi.index.index.reconstruct_n(0, vi.ntotal), strict=True))
+    ids = np.array([r[0] for r in rows])
     band = int(FREQS["high"] // 250)
-    a = [float(vec_of[sid][band]) for sid, _ in rows]
-    b = [sum(float(x) for x in np.frombuffer(blob, np.float16)) / 527 for _, blob in rows]
+    a = [float(v[band]) for v in lib.index.vectors(lib.index.rows_of(ids))]
+    b = [sum(float(x) ** 0.5 for x in np.frombuffer(blob, np.float16)) / 527 for _, blob in rows]
     n = len(rows)
-    assert n > 400  # more than the first candidate lists (256), so the bound has to do the work
-
-    def z(row):
-        mu = sum(row) / n
-        sd = (sum((x - mu) ** 2 for x in row) / n) ** 0.5
-        return [(x - mu) / sd for x in row]
-
-    za, zb = z(a), z(b)
+    cand = set(_top_ids(a, ids, HYBRID_CANDIDATES)) | set(_top_ids(b, ids, HYBRID_CANDIDATES))
+    assert len(cand) < n  # the candidate lists leave segments out
+    za, zb = _z(a), _z(b)
     for w in (0.0, 0.3, 1.0):
-        lib.model.extras = {br.EXTRA_HYBRID_WEIGHT: w}
+        lib.model.extras = {EXTRA_HYBRID_WEIGHT: w}
         hs = HybridScorer()
         mix = [w * x + (1 - w) * y for x, y in zip(za, zb, strict=True)]
-        want = sorted(range(n), key=lambda c: (-mix[c], c))[:7]
-        ids, sc = hs.top(lib, "high", 7)
-        assert list(ids) == [rows[c][0] for c in want]
+        inside = [c for c in range(n) if int(ids[c]) in cand]
+        want = sorted(inside, key=lambda c: (-mix[c], c))[:7]
+        got, sc = hs.top(lib, "high", 7)
+        assert list(got) == [rows[c][0] for c in want]
         np.testing.assert_allclose(sc, [mix[c] for c in want], rtol=1e-4, atol=1e-4)
-        assert not hs.last_stats["dense"] and hs.last_stats["candidates"] < n  # the fast path ran
-        # no second copy of the vectors: the scorer's state holds nothing with a row per segment x dim
-        (_, index, moments, _, _), = [v for v in hs._state.values() if isinstance(v, tuple) and len(v) == 5]
-        assert moments.cov.shape == (16, 16) and index.by_label.shape == (527, n)
         d_ids, d_sc = hs.score(lib, "high")  # the dense path agrees with the loops too
         assert list(d_ids) == [r[0] for r in rows]
         np.testing.assert_allclose(d_sc, mix, rtol=1e-4, atol=1e-4)
@@ -254,25 +257,11 @@ def test_fast_hybrid_through_the_library_equals_brute_force(tmp_path, kind):
     lib.close()
 
 
-def test_id_positions_table_and_search_agree_with_a_dict():
-    from atae.library.scorers import IdPositions
-
-    rng = np.random.default_rng(3)
-    dense_ids = np.sort(rng.choice(np.arange(1, 3000), 1200, replace=False))  # gaps: removed segments
-    sparse_ids = np.sort(rng.choice(10**9, 500, replace=False))  # too sparse for a table
-    for ids in (dense_ids, sparse_ids, np.zeros(0, np.int64)):
-        look = IdPositions(ids)
-        where = {int(x): i for i, x in enumerate(ids)}
-        probe = np.r_[ids[::7], -1, 0, 2999, 3000, 10**9 + 5, rng.integers(0, 4000, 50)].astype(np.int64)
-        assert list(look(probe)) == [where.get(int(x), -1) for x in probe]
-    assert IdPositions(dense_ids).table is not None and IdPositions(sparse_ids).table is None
-
-
-@pytest.mark.parametrize("overlap", [True, False])
-def test_fast_hybrid_over_hnsw_equals_brute_force_with_and_without_the_second_core(overlap):
-    """fast_hybrid_top over a real HNSW index (960 vectors: the graph search with efSearch 256 is exact
-    here) against loops over every tagged clip, with the bridge side beside the search or after it."""
-    from atae.library.scorers import IdPositions, fast_hybrid_top
+def test_search_state_over_hnsw_with_gaps_and_untagged_segments():
+    """SearchState.hybrid_top over a real HNSW index (the graph search with efSearch 256 is exact at this
+    size) against loops over every tagged segment: ids with gaps, segments without tags in the same graph
+    (added first, so FAISS rows are not positions), candidate lists shorter than the library."""
+    from atae.library.search import SearchState
     from atae.library.vectors import VectorIndex
 
     rng = np.random.default_rng(8)
@@ -283,32 +272,57 @@ def test_fast_hybrid_over_hnsw_equals_brute_force_with_and_without_the_second_co
     v /= np.linalg.norm(v, axis=1, keepdims=True)
     topics = rng.random((6, br.N_LABELS)) ** 8
     t = np.clip(topics[sound] + 0.05 * rng.random((n, br.N_LABELS)), 0, 1).astype(np.float32)
-    ids = np.arange(5, 5 + 2 * n, 2, dtype=np.int64)  # segment ids with gaps
+    ids = np.arange(5, 5 + 2 * n, 2, dtype=np.int64)
     vi = VectorIndex.empty(16, "hnsw")
-    # segments without tags sit in the same graph (ids in the gaps, added first, so the FAISS rows of the
-    # tagged ones are not their positions): the hybrid skips them
     untagged = (centres[rng.integers(0, 6, 60)] + 0.5 * rng.standard_normal((60, 16))).astype(np.float32)
     vi.add(np.arange(6, 6 + 2 * 60, 2, dtype=np.int64), untagged)
     vi.add(ids, v)
-    rows = vi.storage_rows(ids)
-    assert rows is not None and rows[0] == 60
-    index = br.TagSearchIndex(t)
-    moments = br.RowMoments.of(v)
+    st = SearchState(ids, t, vi, vi.rows_of(ids))
     for s in range(4):
         q = centres[s] / np.linalg.norm(centres[s])
         cos = rng.uniform(0, 0.45, br.N_LABELS)
         cos[np.argsort(-topics[(s + 1) % 6])[:3]] = [0.9, 0.8, 0.7]  # the bridge asks for another sound
         d = br.softmax_rows(cos[None], br.DEFAULT_TEMPERATURE)[0]
         a = [sum(float(x) * float(y) for x, y in zip(r, q, strict=True)) for r in v]
-        b = [sum(float(x) * float(y) for x, y in zip(r, d, strict=True)) for r in t]
-        for w in (0.3, 0.5):
-            za, zb = (np.asarray(a) - np.mean(a)) / np.std(a), (np.asarray(b) - np.mean(b)) / np.std(b)
-            mix = w * za + (1 - w) * zb
-            for k in (5, 40):
-                want = sorted(range(n), key=lambda c: (-mix[c], c))[:k]
-                stats = {}
-                got, sc = fast_hybrid_top(vi, ids, index, moments, q, d, w, k, stats=stats, rows=rows,
-                                          positions=IdPositions(ids), overlap=overlap)
-                assert list(got) == [int(ids[c]) for c in want]
-                np.testing.assert_allclose(sc, mix[want], rtol=1e-4, atol=1e-4)
-                assert stats["overlap"] is overlap and not stats["dense"]
+        b = [sum(float(x) * float(y) ** 0.5 for x, y in zip(d, r, strict=True)) for r in t]
+        for cands in (100, n):
+            inside = set(_top_ids(a, ids, cands)) | set(_top_ids(b, ids, cands))
+            for w in (0.3, 0.5):
+                mix = w * np.asarray(_z(a)) + (1 - w) * np.asarray(_z(b))
+                for k in (5, 40):
+                    keep = [c for c in range(n) if int(ids[c]) in inside]
+                    want = sorted(keep, key=lambda c: (-mix[c], c))[:k]
+                    pos, sc = st.hybrid_top(q, d, w, k, candidates=cands)
+                    assert [int(ids[p]) for p in pos] == [int(ids[c]) for c in want]
+                    np.testing.assert_allclose(sc, mix[want], rtol=1e-4, atol=1e-4)
+        bpos, bsc = st.bridge_top(d, 10)
+        assert [int(ids[p]) for p in bpos] == _top_ids(b, ids, 10)
+
+
+def test_bridge_candidates_of_a_large_library_lose_nothing_when_tags_are_low_rank(monkeypatch):
+    """Above DENSE_LIMIT the bridge scans a rank-RANK projection of the tag features and rescores its best
+    candidates. Tag features spanning fewer dimensions than RANK are projected without loss, so the result
+    must equal scoring every segment; full-rank features still give the exact score of every result."""
+    from atae.library import search
+
+    monkeypatch.setattr(search, "DENSE_LIMIT", 500)
+    monkeypatch.setattr(search, "BRIDGE_CANDIDATES", 50)
+    rng = np.random.default_rng(4)
+    n = 3000
+    topics = rng.random((search.RANK // 2, br.N_LABELS)) ** 4
+    feats = rng.dirichlet(np.full(len(topics), 0.2), size=n) @ topics  # rank <= RANK / 2
+    ids = np.arange(1, n + 1)
+    st = search.SearchState(ids, (feats ** 2).astype(np.float32))
+    assert st.low is not None
+    for _ in range(5):
+        d = br.softmax_rows(rng.uniform(0, 0.8, (1, br.N_LABELS)), 0.07)[0]
+        exact = feats @ d
+        pos, sc = st.bridge_top(d, 20)
+        assert [int(ids[p]) for p in pos] == _top_ids(exact, ids, 20)
+        np.testing.assert_allclose(sc, exact[pos], rtol=1e-4)
+    full = rng.random((n, br.N_LABELS)).astype(np.float32) ** 6
+    st = search.SearchState(ids, full)
+    d = br.softmax_rows(rng.uniform(0, 0.8, (1, br.N_LABELS)), 0.07)[0]
+    pos, sc = st.bridge_top(d, 20)
+    np.testing.assert_allclose(sc, np.sqrt(full[pos]) @ d, rtol=1e-4)
+    assert list(sc) == sorted(sc, reverse=True)

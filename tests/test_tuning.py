@@ -1,10 +1,11 @@
-"""Scorers everywhere (issue 5): tuned values stored in the model directory, `atae tune`, and the library's
-fast bridge / hybrid search checked against a brute-force dense computation written out here."""
+"""Tuning (temperature and hybrid weight on validation data, stored in the model directory), `atae tune`,
+and the library's bridge / hybrid search checked against brute-force computations written out here."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import zlib
 
 import numpy as np
@@ -13,8 +14,10 @@ import torch
 from click.testing import CliRunner
 
 from atae import bridge as br
+from atae import tuning
 from atae.cli import main
 from atae.model import AlignedModel
+from atae.scoring import EXTRA_HYBRID_WEIGHT, Fusion
 from atae.towers import registry
 from atae.towers.base import TextTower, TowerInfo
 from library_fakes import FREQS, BandTower, WordTower, write_tone, write_tone_mix
@@ -130,7 +133,7 @@ def _brute_force(ds, atab, ttab):
             rel.append(j)
             tk.append(f"{c.key}#{i}")
     labels = _label_matrix()
-    tags = np.stack([atab.tags(k).mean(0) for k in cands]).astype(np.float64)
+    tags = np.sqrt(np.stack([atab.tags(k).mean(0) for k in cands]).astype(np.float64))
     best_t, best_m = None, -1.0
     for t in br.TEMPERATURE_GRID:
         s = np.stack([tags @ _dist(q, t, labels) for q in texts])
@@ -144,12 +147,67 @@ def _brute_force(ds, atab, ttab):
     tx /= np.linalg.norm(tx, axis=1, keepdims=True)
     a = tx @ au.T
     best_w, best_wm, curve = None, -1.0, []
-    for w in br.WEIGHT_GRID:
+    for w in tuning.WEIGHT_GRID:
         m = _map10(w * _z(a) + (1 - w) * _z(b), rel)
         curve.append(m)
         if m > best_wm + 1e-12:
             best_w, best_wm = w, m
     return best_t, best_w, curve
+
+
+def zscore_by_hand(row: list[float]) -> list[float]:
+    n = len(row)
+    mu = sum(row) / n
+    sd = math.sqrt(sum((x - mu) ** 2 for x in row) / n)
+    return [0.0 if sd == 0 else (x - mu) / sd for x in row]
+
+
+def ap_by_hand(row, relevant, k=10):
+    order = sorted(range(len(row)), key=lambda c: (-row[c], c))[:k]
+    hits, total = 0, 0.0
+    for rank, c in enumerate(order, start=1):
+        if c in relevant:
+            hits += 1
+            total += hits / rank
+    return total / min(len(relevant), k)
+
+
+def test_mean_ap_matches_hand_loop():
+    rng = np.random.default_rng(5)
+    s = rng.random((7, 30))
+    rel = [[0], [3, 4, 5], [29], list(range(12)), [7, 8], [1], [2, 20]]
+    expected = sum(ap_by_hand(list(s[q]), set(rel[q])) for q in range(7)) / 7
+    assert tuning.mean_ap_at_k(s, rel) == pytest.approx(expected, abs=1e-12)
+    # single relevant clip: 1/rank (DCASE 2022)
+    row = np.array([[0.5, 0.9, 0.1, 0.7]])
+    assert tuning.mean_ap_at_k(row, [2]) == pytest.approx(1 / 4)
+    assert tuning.mean_ap_at_k(row, [2], k=3) == 0.0
+
+
+def _problem(seed=11, n_clips=40, n_q=12):
+    rng = np.random.default_rng(seed)
+    rel = [int(x) for x in rng.integers(0, n_clips, n_q)]
+    a = rng.standard_normal((n_q, n_clips))
+    b = rng.standard_normal((n_q, n_clips))
+    for q, c in enumerate(rel):  # make each scorer informative on a different half of the queries
+        (a if q % 2 else b)[q, c] += 2.0
+        (b if q % 2 else a)[q, c] += 0.7
+    return a, b, rel
+
+
+def test_tune_hybrid_weight_matches_brute_force():
+    a, b, rel = _problem()
+    grid = [0.0, 0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0]
+    best_w, best_m = None, -1.0
+    for w in grid:
+        mixed = [[w * x + (1 - w) * y for x, y in zip(zscore_by_hand(list(a[q])), zscore_by_hand(list(b[q])),
+                                                       strict=True)] for q in range(len(rel))]
+        m = sum(ap_by_hand(mixed[q], {rel[q]}) for q in range(len(rel))) / len(rel)
+        if m > best_m + 1e-12:
+            best_w, best_m = w, m
+    assert tuning.tune_hybrid_weight(a, b, rel, grid=grid) == best_w
+    curve = dict(tuning.hybrid_weight_curve(a, b, rel, grid=grid))
+    assert curve[best_w] == pytest.approx(best_m, abs=1e-9)
 
 
 def test_tune_on_dataset_matches_brute_force_grid_loops():
@@ -161,9 +219,9 @@ def test_tune_on_dataset_matches_brute_force_grid_loops():
     assert max(curve) > min(curve)  # the weight matters on this data, so the choice is informative
     got = tune_on_dataset(ds, atab, HashTower(), model=model, text_table=ttab)
     assert got[br.EXTRA_BRIDGE_TEMPERATURE] == exp_t
-    assert got[br.EXTRA_HYBRID_WEIGHT] == exp_w
+    assert got[EXTRA_HYBRID_WEIGHT] == exp_w
     only_t = tune_on_dataset(ds, atab, HashTower(), scorer="bridge")
-    assert only_t[br.EXTRA_BRIDGE_TEMPERATURE] == exp_t and br.EXTRA_HYBRID_WEIGHT not in only_t
+    assert only_t[br.EXTRA_BRIDGE_TEMPERATURE] == exp_t and EXTRA_HYBRID_WEIGHT not in only_t
 
 
 def test_tune_after_training_stores_values_and_skips_towers_without_head(tmp_path):
@@ -174,9 +232,9 @@ def test_tune_after_training_stores_values_and_skips_towers_without_head(tmp_pat
     model.save(tmp_path / "run")
     exp_t, exp_w, _ = _brute_force(ds, atab, ttab)
     out = tune_after_training(model, (ds, atab, ttab), tmp_path / "run", text_tower=HashTower())
-    assert out == {br.EXTRA_BRIDGE_TEMPERATURE: exp_t, br.EXTRA_HYBRID_WEIGHT: exp_w}
+    assert out == {br.EXTRA_BRIDGE_TEMPERATURE: exp_t, EXTRA_HYBRID_WEIGHT: exp_w}
     loaded = AlignedModel.load(tmp_path / "run")
-    assert loaded.extras[br.EXTRA_BRIDGE_TEMPERATURE] == exp_t and br.hybrid_weight(loaded) == exp_w
+    assert loaded.extras[br.EXTRA_BRIDGE_TEMPERATURE] == exp_t and Fusion.of(loaded).weight == exp_w
     assert loaded.extras[EXTRA_TUNED_ON]["n_queries"] == 2 * len(ds.clips)
     # no AudioSet tags: nothing tuned, nothing written
     plain = FakeTable(atab.info, {k: atab.get(k) for k in atab.keys})
@@ -186,7 +244,6 @@ def test_tune_after_training_stores_values_and_skips_towers_without_head(tmp_pat
 
 
 def test_run_recipe_calls_the_tuning_hook(tmp_path, monkeypatch):
-    from atae import tuning
     from atae.train import run_recipe
 
     world, atab, ttab, _ = make_world(0, splits=(("train", 16), ("val", 8)))
@@ -245,16 +302,16 @@ def test_cli_tune_run_stores_values_and_bridge_mode_writes_json(tmp_path, fake_r
     cfg = json.loads((run / "config.json").read_text())["extras"]
     rep = json.loads((tmp_path / "t.json").read_text())
     assert cfg[br.EXTRA_BRIDGE_TEMPERATURE] == rep[br.EXTRA_BRIDGE_TEMPERATURE] in br.TEMPERATURE_GRID
-    assert cfg[br.EXTRA_HYBRID_WEIGHT] == rep[br.EXTRA_HYBRID_WEIGHT] in br.WEIGHT_GRID
+    assert cfg[EXTRA_HYBRID_WEIGHT] == rep[EXTRA_HYBRID_WEIGHT] in tuning.WEIGHT_GRID
     assert f"best temperature: {rep[br.EXTRA_BRIDGE_TEMPERATURE]:g}" in out
     # the identity adapter is perfect on "a {name} tone": the best hybrid weight gives mAP@10 = 1
-    assert dict(map(tuple, rep["weight_curve"]))[rep[br.EXTRA_HYBRID_WEIGHT]] == 1.0
+    assert dict(map(tuple, rep["weight_curve"]))[rep[EXTRA_HYBRID_WEIGHT]] == 1.0
     code, out = _cli("tune", "--scorer", "bridge", "--audio-encoder", "bands", "--text-encoder", "words",
                      "--csv", c, "--audio-dir", audio, "--feats", tmp_path / "f",
                      "--json", tmp_path / "b.json", "--no-progress")
     assert code == 0, out
     b = json.loads((tmp_path / "b.json").read_text())
-    assert b["scorer"] == "bridge" and br.EXTRA_HYBRID_WEIGHT not in b
+    assert b["scorer"] == "bridge" and EXTRA_HYBRID_WEIGHT not in b
     assert f"best temperature: {b[br.EXTRA_BRIDGE_TEMPERATURE]:g}" in out
 
 
@@ -278,57 +335,67 @@ def big_lib(tmp_path_factory):
     lib = Library.open(root / "lib", create=True, audio_tower=BandTower(), text_tower=WordTower(),
                        model=IdentityModel(), long_s=2.0, window_s=0.5, hop_s=0.25)
     lib.add([root / "sounds"])
-    lib.model.extras = {br.EXTRA_BRIDGE_TEMPERATURE: 0.02, br.EXTRA_HYBRID_WEIGHT: 0.3}
+    lib.model.extras = {br.EXTRA_BRIDGE_TEMPERATURE: 0.02, EXTRA_HYBRID_WEIGHT: 0.3}
     yield lib
     lib.close()
 
 
-def _dense(lib, text, temperature, weight=None):
-    """Brute force over every segment: ids, bridge scores (and hybrid scores if ``weight``)."""
+def _brute(lib, text, temperature, weight=None, candidates=None):
+    """Every tagged segment by plain loops: ids and bridge scores, or with ``weight`` the hybrid (z-scores
+    over all tagged segments). ``candidates``: also the hybrid's candidate rule, the union of the adapter's
+    and the bridge's top ``candidates``, as a set of ids."""
     rows = lib.db.conn.execute("SELECT id, tags FROM segments WHERE tags IS NOT NULL ORDER BY id").fetchall()
     ids = np.array([r[0] for r in rows])
     tags = np.stack([np.frombuffer(r[1], np.float16) for r in rows]).astype(np.float64)
-    b = tags @ _dist(text, temperature, _label_matrix())
+    dist = _dist(text, temperature, _label_matrix())
+    b = np.array([sum(dist[lab] * np.sqrt(t[lab]) for lab in range(527)) for t in tags])
     if weight is None:
         return ids, b
-    import faiss
-
-    vi = lib.index
-    all_ids = faiss.vector_to_array(vi.index.id_map)
-    vecs = vi.index.index.reconstruct_n(0, vi.ntotal).astype(np.float64)
-    v = vecs[[int(np.nonzero(all_ids == i)[0][0]) for i in ids]]
+    v = lib.index.vectors(lib.index.rows_of(ids)).astype(np.float64)
     q = np.zeros(16)
     for w in text.split():
         if w in FREQS:
             q[int(FREQS[w] // 250)] += 1
     a = v @ (q / np.linalg.norm(q))
-    return ids, (weight * _z(a[None]) + (1 - weight) * _z(b[None]))[0]
+    h = (weight * _z(a[None]) + (1 - weight) * _z(b[None]))[0]
+    if candidates is None:
+        return ids, h
+    top = {int(ids[j]) for j in sorted(range(len(ids)), key=lambda j: (-a[j], ids[j]))[:candidates]}
+    top |= {int(ids[j]) for j in sorted(range(len(ids)), key=lambda j: (-b[j], ids[j]))[:candidates]}
+    return ids, h, top
 
 
-def _assert_exact_top(got_ids, got_scores, ids, dense, n):
-    """Exact top-n up to float ties: the same sorted scores, and each returned id scores what it should."""
-    exp = np.sort(dense)[::-1][:n]
+def _assert_top(got_ids, got_scores, ids, scores, n):
+    """The n best of ``scores`` up to float ties: the same sorted scores, each id scoring what it should."""
+    exp = np.sort(scores)[::-1][:n]
     assert len(got_ids) == n and len(set(got_ids.tolist())) == n
     np.testing.assert_allclose(got_scores, exp, rtol=1e-4, atol=1e-6)
     pos = {int(i): j for j, i in enumerate(ids)}
-    np.testing.assert_allclose(dense[[pos[int(i)] for i in got_ids]], got_scores, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(scores[[pos[int(i)] for i in got_ids]], got_scores, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("query", ["high laughter", "low male speech", "mid whispering and shout"])
-def test_library_bridge_and_hybrid_top_equal_dense(big_lib, query):
+def test_library_bridge_and_hybrid_top_equal_brute_force(big_lib, query):
     from atae.library.scorers import BridgeScorer, HybridScorer
 
     n_seg = big_lib.db.counts()["segments"]
-    assert n_seg > 600  # enough segments for the index to skip most of them
+    assert n_seg > 600
     bs, hs = BridgeScorer(text_tower=HashTower()), HybridScorer(text_tower=HashTower())
-    ids, dense = _dense(big_lib, query, 0.02)
-    hids, hdense = _dense(big_lib, query, 0.02, weight=0.3)
+    ids, dense = _brute(big_lib, query, 0.02)
+    hids, hdense = _brute(big_lib, query, 0.02, weight=0.3)
     for n in (5, 64):
-        _assert_exact_top(*bs.top(big_lib, query, n), ids, dense, n)
-        _assert_exact_top(*hs.top(big_lib, query, n), hids, hdense, n)
-    # the dense path of the same scorers agrees too
-    d_ids, d_sc = bs.score(big_lib, query)
-    np.testing.assert_allclose(d_sc, dense, rtol=1e-4, atol=1e-6)
+        _assert_top(*bs.top(big_lib, query, n), ids, dense, n)
+    # the hybrid's candidates are the adapter's and the bridge's top HYBRID_CANDIDATES (< n_seg here)
+    from atae.library.search import HYBRID_CANDIDATES
+
+    _, h, cand = _brute(big_lib, query, 0.02, weight=0.3, candidates=HYBRID_CANDIDATES)
+    assert len(cand) < n_seg
+    inside = np.array([int(i) in cand for i in hids])
+    for n in (5, 64):
+        _assert_top(*hs.top(big_lib, query, n), hids[inside], h[inside], n)
+    # the dense path of the same scorers agrees with the loops
+    np.testing.assert_allclose(bs.score(big_lib, query)[1], dense, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(hs.score(big_lib, query)[1], hdense, rtol=1e-4, atol=1e-5)
     # file level: best segment per file, and a glob that forces the search to widen
     res = big_lib.search(query, scorer=bs, k=5)
     by_file = {}
@@ -341,14 +408,11 @@ def test_library_bridge_and_hybrid_top_equal_dense(big_lib, query):
     assert [r.file_id for r in only] == [worst]
 
 
-def test_library_scorer_names_and_fast_path_is_used(big_lib, monkeypatch):
+def test_library_scorer_names(big_lib):
     from atae.library import scorers
 
     assert scorers.canonical("model") == "adapter"
     assert big_lib.scorers()["available"] == ["adapter", "bridge", "hybrid"]
+    assert big_lib.scorers()["untagged"] == 0
     a = big_lib.search("high", scorer="adapter", k=3)
     assert [r.path for r in a] == [r.path for r in big_lib.search("high", scorer="model", k=3)]
-    bs = scorers.BridgeScorer(text_tower=HashTower())
-    bs.top(big_lib, "whispering", 5)  # its mass sits on labels the band tags use (0-15)
-    _, index = bs._index(big_lib)
-    assert index.last_rescored < index.n_clips  # the exact top-k did not rescore every segment

@@ -58,10 +58,10 @@ def test_flat_index_from_before_opens(tmp_path):
     assert back.kind == "flat" and list(back.ids()) == list(ids)
 
 
-def test_in_place_scores_match_the_stored_vectors():
-    """all_scores / scores_at read FAISS's storage in place: compare with plain dot products of the input
-    vectors (normalised here), mapped to rows through storage_rows -- also after removals (flat) and
-    for an HNSW index, whose vectors live in its own flat storage."""
+def test_in_place_scores_and_vectors_match_the_stored_vectors():
+    """scores_at / vectors read FAISS's storage at rows found by rows_of: compare with plain dot products
+    of the input vectors (normalised here) -- also after removals (flat) and for an HNSW index, whose
+    vectors live in its own flat storage."""
     import pytest
 
     from atae.errors import LibraryError
@@ -71,64 +71,21 @@ def test_in_place_scores_match_the_stored_vectors():
     qn = q / np.linalg.norm(q)
     for kind in ("flat", "hnsw"):
         vi = V.VectorIndex.empty(16, kind)
-        vi.add(ids, x)
-        assert vi.storage_rows(ids) is None  # added in id order: rows are positions
-        want = x.astype(np.float64) @ qn
-        pick = np.array([5, 0, 199, 77])
-        np.testing.assert_allclose(vi.scores_at(q, pick), want[pick], rtol=1e-5, atol=1e-6)
+        shuffled = np.random.default_rng(5).permutation(len(ids))
+        vi.add(ids[shuffled], x[shuffled])  # rows not in id order
+        want = {int(i): float(v @ qn) for i, v in zip(ids, x.astype(np.float64), strict=True)}
         if kind == "flat":
-            np.testing.assert_allclose(vi.all_scores(q), want, rtol=1e-5, atol=1e-6)
+            gone = ids[[0, 3, 50]]
+            assert vi.remove(gone)
+            kept = np.setdiff1d(ids, gone)
         else:
-            assert vi.all_scores(q) is None
+            kept = ids
+        rows = vi.rows_of(kept)
+        np.testing.assert_allclose(vi.scores_at(q, rows), [want[int(i)] for i in kept], rtol=1e-5, atol=1e-6)
+        by_id = {int(i): r for i, r in zip(ids, x, strict=True)}
+        np.testing.assert_allclose(vi.vectors(rows), [by_id[int(i)] for i in kept], atol=1e-6)
         with pytest.raises(LibraryError):
-            vi.scores_at(q, np.array([200]))
-    vi = V.VectorIndex.empty(16, "flat")
-    shuffled = np.random.default_rng(5).permutation(len(ids))
-    vi.add(ids[shuffled], x[shuffled])  # rows no longer in id order
-    gone = ids[[0, 3, 50]]
-    assert vi.remove(gone)
-    kept = np.setdiff1d(ids, gone)
-    rows = vi.storage_rows(kept)
-    assert rows is not None
-    want = {int(i): float(v @ qn) for i, v in zip(ids, x.astype(np.float64), strict=True)}
-    np.testing.assert_allclose(vi.scores_at(q, rows), [want[int(i)] for i in kept], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(vi.all_scores(q)[rows], [want[int(i)] for i in kept], rtol=1e-5, atol=1e-6)
-
-
-def test_run_beside_returns_raises_and_uses_another_thread():
-    import threading
-
-    here = threading.get_ident()
-    job = V.run_beside(lambda x: (x * 2, threading.get_ident()), 21, background=True)
-    value, where = job.result()
-    assert value == 42 and where != here
-    assert job.result() == (42, where)  # asked twice: the same answer
-    value, where = V.run_beside(lambda x: (x, threading.get_ident()), 5, background=False).result()
-    assert value == 5 and where == here  # one core: run inline
-
-    def boom(path):
-        raise ValueError(f"bad tags in {path}")
-
-    for background in (True, False):
-        job = V.run_beside(boom, "lib/tags.npy", background=background)
-        try:
-            job.result()
-        except ValueError as exc:
-            assert "lib/tags.npy" in str(exc)
-        else:
-            raise AssertionError("the side job's error was swallowed")
-    # many callers at once (a web server's threads): each gets its own answer
-    out = {}
-
-    def caller(i):
-        out[i] = V.run_beside(lambda j: j * j, i, background=True).result()
-
-    threads = [threading.Thread(target=caller, args=(i,)) for i in range(16)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert out == {i: i * i for i in range(16)}
+            vi.scores_at(q, np.array([vi.ntotal]))
 
 
 def test_kind_and_storage_are_fixed_at_open(tmp_path):
@@ -143,21 +100,3 @@ def test_kind_and_storage_are_fixed_at_open(tmp_path):
         assert back.kind == kind
         q = x[7]
         np.testing.assert_allclose(back.scores_at(q, np.array([7, 0])), [x[7] @ q, x[0] @ q], rtol=1e-6)
-
-
-def test_run_beside_works_in_a_forked_child():
-    """A child forked after the worker started (multiprocessing's fork start method) gets its own worker
-    instead of waiting forever on one that did not survive the fork."""
-    import multiprocessing as mp
-    import os
-
-    if not hasattr(os, "fork"):
-        return
-    assert V.run_beside(lambda: 1, background=True).result() == 1  # the parent's worker runs
-    ctx = mp.get_context("fork")
-    with ctx.Pool(1) as pool:
-        assert pool.apply_async(_beside_in_child).get(timeout=20) == 49
-
-
-def _beside_in_child():
-    return V.run_beside(lambda x: x * x, 7, background=True).result()

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from atae.errors import DataError, ModelError
 from atae.features import dataset_queries
 from atae.io import atomic_write_text
 from atae.model import AlignedModel
+from atae.scoring import SCORERS, Fusion, adapter_scores, check_hybrid_tower, hybrid_scores
 
 TOP_K = 10
 
@@ -125,46 +125,10 @@ def check_towers(model: AlignedModel, audio_info=None, text_info=None) -> None:
                 fix=f"use the {side} encoder and weights the model was trained with ({want.name})")
 
 
-def embed_audio_keys(model: AlignedModel, audio_table, keys: Sequence[str], *,
-                     batch: int = 256) -> torch.Tensor:
-    """(C, D) unit-length audio embeddings of cached clips."""
-    out = []
-    with torch.no_grad():
-        for a in range(0, len(keys), batch):
-            z, m = audio_table.batch(list(keys[a:a + batch]))
-            out.append(model.embed_audio(z, m, normalize=True))
-    return torch.cat(out) if out else torch.zeros(0, model.out_dim)
-
-
-def pad_sequences(seqs: Sequence[np.ndarray], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    tmax = max((len(s) for s in seqs), default=0)
-    z = np.zeros((len(seqs), max(tmax, 1), dim), dtype=np.float32)
-    m = np.zeros((len(seqs), max(tmax, 1)), dtype=bool)
-    for i, s in enumerate(seqs):
-        z[i, :len(s)] = s
-        m[i, :len(s)] = True
-    return torch.from_numpy(z), torch.from_numpy(m)
-
-
-def embed_text_seqs(model: AlignedModel, seqs: Sequence[np.ndarray], *, batch: int = 512) -> torch.Tensor:
-    """(Q, D) unit-length text embeddings of (T_i, F) token sequences."""
-    out = []
-    with torch.no_grad():
-        for a in range(0, len(seqs), batch):
-            z, m = pad_sequences(seqs[a:a + batch], model.text_info.dim)
-            out.append(model.embed_text(z, m, normalize=True))
-    return torch.cat(out) if out else torch.zeros(0, model.out_dim)
-
-
-def score_matrix(model: AlignedModel, audio_table, audio_keys: Sequence[str], text_seqs: Sequence[np.ndarray],
-                 *, chunk: int = 4096) -> np.ndarray:
-    """(Q, C) float32 cosine of every text with every cached clip, computed in query chunks."""
-    a = embed_audio_keys(model, audio_table, audio_keys)
-    out = np.empty((len(text_seqs), len(audio_keys)), dtype=np.float32)
-    for s in range(0, len(text_seqs), chunk):
-        t = embed_text_seqs(model, text_seqs[s:s + chunk])
-        out[s:s + chunk] = (t @ a.T).numpy()
-    return out
+def score_matrix(model: AlignedModel, audio_table, audio_keys: Sequence[str],
+                 text_seqs: Sequence[np.ndarray]) -> np.ndarray:
+    """(Q, C) float32 cosine of every text sequence with every cached clip (the adapter scorer)."""
+    return adapter_scores(model, [audio_table.get(k) for k in audio_keys], text_seqs)
 
 
 def encode_texts(text_tower, texts: Sequence[str], *, batch: int = 256) -> list[np.ndarray]:
@@ -246,20 +210,19 @@ def towers_for_model(model: AlignedModel, *, audio_weights=None, text_weights=No
     return audio, text
 
 
-SCORERS = ("adapter", "bridge", "hybrid")
-
-
 def scores_for(scorer: str, *, candidates: Sequence[str], texts: Sequence[str], audio_table,
                model: AlignedModel | None = None, text_seqs: Sequence[np.ndarray] | None = None,
                text_tower=None, audio_tower=None, temperature: float | None = None) -> np.ndarray:
-    """(Q, C) scores of ``texts`` against cached clips ``candidates`` with one scorer:
+    """(Q, C) scores of ``texts`` against cached clips ``candidates`` with one scorer (``atae.scoring``):
 
     * ``adapter``: cosine of the trained adapters (``text_seqs``: cached token sequences, else the text
       tower encodes ``texts``);
     * ``bridge``: zero-shot AudioSet tag bridge (``atae.bridge``), no trained model needed; temperature
       from the argument, else the model's stored one, else the bridge default;
-    * ``hybrid``: the model's tuned weighted sum of both (z-scored per query).
+    * ``hybrid``: the model's fusion of both (``atae.scoring.Fusion``).
     """
+    from atae import bridge as br
+
     if scorer not in SCORERS:
         raise DataError(f"unknown scorer {scorer!r}", fix=f"use one of {', '.join(SCORERS)}")
     adapter = bridge = None
@@ -269,25 +232,19 @@ def scores_for(scorer: str, *, candidates: Sequence[str], texts: Sequence[str], 
         if text_seqs is None:
             text_seqs = encode_texts(text_tower, texts)
         adapter = score_matrix(model, audio_table, candidates, text_seqs)
-    if scorer in ("bridge", "hybrid"):
-        from atae import bridge as br
-
-        if audio_tower is not None:
-            br.require_tag_head(audio_tower)
-        if scorer == "hybrid" and audio_tower is not None:
-            br.check_hybrid_tower(model, audio_tower.info)
-        if temperature is None:
-            temperature = br.bridge_temperature(model)
-        tb = br.TagBridge(text_tower, temperature=temperature)
-        clip_tags = tb.clip_tags([audio_table.tags(k) for k in candidates])
-        bridge = tb.scores(list(texts), clip_tags)
     if scorer == "adapter":
         return adapter
+    if audio_tower is not None:
+        br.require_tag_head(audio_tower)
+        if scorer == "hybrid":
+            check_hybrid_tower(model, audio_tower.info)
+    tb = br.TagBridge(text_tower, temperature=temperature or br.bridge_temperature(model))
+    sentences = tb.sentences(list(texts))
+    clip_feats = br.tag_features(tb.clip_tags([audio_table.tags(k) for k in candidates]))
+    bridge = tb.distribution(sentences) @ clip_feats.T
     if scorer == "bridge":
         return np.asarray(bridge, dtype=np.float32)
-    from atae import bridge as br
-
-    return br.hybrid_scores(adapter, bridge, br.hybrid_weight(model))
+    return hybrid_scores(adapter, bridge, Fusion.of(model).weights(sentences))
 
 
 def evaluate_run(run_dir=None, *, audio_dir, json_out=None, csv=None, queries=None, submission=None,

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -81,6 +83,14 @@ class AlignedModel(nn.Module):
                    normalize: bool = False) -> torch.Tensor:
         e = self.text_adapter(z, mask)
         return nn.functional.normalize(e, dim=-1) if normalize else e
+
+    def encode_audio(self, seqs: Sequence[np.ndarray], *, batch: int = 1024) -> np.ndarray:
+        """(N, out_dim) float32 unit vectors of N audio-tower sequences, each a (T_i, F) array."""
+        return _encode(self.audio_adapter, seqs, batch)
+
+    def encode_text(self, seqs: Sequence[np.ndarray], *, batch: int = 1024) -> np.ndarray:
+        """(N, out_dim) float32 unit vectors of N text-tower token sequences, each a (T_i, F) array."""
+        return _encode(self.text_adapter, seqs, batch)
 
     # ---------------------------------------------------------------- persistence
     def config(self) -> dict:
@@ -154,6 +164,25 @@ class AlignedModel(nn.Module):
                              fix="retrain the model") from e
         model.eval()
         return model
+
+
+def _encode(adapter: Adapter, seqs: Sequence[np.ndarray], batch: int) -> np.ndarray:
+    """Sequences of any lengths through an adapter without padding (``forward_packed``), unit length."""
+    out = np.zeros((len(seqs), adapter.out_dim), np.float32)
+    device = adapter.fc1.weight.device
+    for a in range(0, len(seqs), batch):
+        part = [np.asarray(x, dtype=np.float32) for x in seqs[a:a + batch]]
+        for x in part:
+            if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] != adapter.in_dim:
+                raise ModelError(f"adapter expects (T, {adapter.in_dim}) sequences, got {x.shape}",
+                                 fix="use features made by the tower this model was trained with")
+        counts = torch.tensor([len(x) for x in part])
+        seg = torch.repeat_interleave(torch.arange(len(part)), counts)
+        rows = torch.from_numpy(np.concatenate(part))
+        with torch.no_grad():
+            e = adapter.forward_packed(rows.to(device), seg.to(device), len(part), counts.to(device))
+            out[a:a + len(part)] = nn.functional.normalize(e, dim=-1).cpu().numpy()
+    return out
 
 
 def _sha256(path: Path) -> str:

@@ -1,14 +1,14 @@
 """Tune the zero-shot bridge's temperature and the hybrid weight on a validation set, and store them.
 
-Why: both values are chosen on validation data (issue 5), and whoever searches later (``atae evaluate``,
+Why: both values are chosen on validation data, and whoever searches later (``atae evaluate``,
 ``atae search``, a library, the web page) should get them without knowing they exist. They live in the
 model directory's ``config.json`` (``AlignedModel.extras``: ``atae.bridge.EXTRA_BRIDGE_TEMPERATURE`` and
-``EXTRA_HYBRID_WEIGHT``); a model without them uses ``DEFAULT_TEMPERATURE`` / ``DEFAULT_HYBRID_WEIGHT``.
+``atae.scoring.EXTRA_HYBRID_WEIGHT``); a model without them uses the defaults.
 
 Procedure (DCASE 2022 layout: every caption queries all validation clips, its own clip relevant):
-1. temperature: the ``TEMPERATURE_GRID`` value with the best bridge mAP@10 (``bridge.tune_temperature``);
+1. temperature: the ``TEMPERATURE_GRID`` value with the best bridge mAP@10 (``tune_temperature``);
 2. weight: with the bridge at that temperature, the ``WEIGHT_GRID`` value with the best hybrid mAP@10
-   (``bridge.tune_hybrid_weight``). Ties go to the first grid value.
+   (``tune_hybrid_weight``). Ties go to the first grid value.
 
 ``atae train`` runs this after training when the audio tower has an AudioSet head; ``atae tune`` re-runs
 it on any Clotho-format validation set (or, without a model, only reports the best temperature).
@@ -16,14 +16,54 @@ it on any Clotho-format validation set (or, without a model, only reports the be
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from atae import bridge as br
+from atae import scoring
 from atae.errors import DataError
 
 EXTRA_TUNED_ON = "tuned_on"  # extras key: what the values were tuned on (data, queries, mAP@10)
+WEIGHT_GRID = tuple(round(w, 2) for w in np.linspace(0.0, 1.0, 21))
+
+
+def mean_ap_at_k(scores: np.ndarray, relevant: Sequence, k: int = 10) -> float:
+    """Mean AP@k (``atae.metrics.per_query_multi``): with one relevant clip per query (an int) this is the
+    DCASE 2022 mAP@10 (1/rank within the top k); with several, DCASE 2025's multi-positive AP."""
+    from atae.metrics import per_query_multi
+
+    sets = [np.atleast_1d(np.asarray(r, dtype=np.int64)) for r in relevant]
+    return float(per_query_multi(scores, sets, k=k, k_list=())[f"mAP@{k}"].mean())
+
+
+def temperature_curve(cos: np.ndarray, relevant: Sequence, clip_tags,
+                      grid: Sequence[float] = br.TEMPERATURE_GRID, k: int = 10) -> list[tuple[float, float]]:
+    """[(temperature, bridge mAP@k)] over ``grid`` from (Q, 527) query-label cosines (one text pass)."""
+    feats = br.tag_features(clip_tags)
+    return [(float(t), mean_ap_at_k(br.softmax_rows(cos, t) @ feats.T, relevant, k)) for t in grid]
+
+
+def tune_temperature(bridge: br.TagBridge, queries: Sequence[str], relevant: Sequence, clip_tags,
+                     grid: Sequence[float] = br.TEMPERATURE_GRID, k: int = 10) -> float:
+    """The grid temperature with the best validation mAP@k (ties: the first in grid order)."""
+    curve = temperature_curve(bridge.cosines(queries), relevant, clip_tags, grid, k)
+    return max(curve, key=lambda tm: tm[1])[0] if curve else bridge.temperature
+
+
+def hybrid_weight_curve(adapter_scores: np.ndarray, bridge_scores: np.ndarray, relevant: Sequence,
+                        grid: Sequence[float] = WEIGHT_GRID, k: int = 10) -> list[tuple[float, float]]:
+    """[(weight, hybrid mAP@k)] over ``grid``."""
+    return [(float(w), mean_ap_at_k(scoring.hybrid_scores(adapter_scores, bridge_scores, w), relevant, k))
+            for w in grid]
+
+
+def tune_hybrid_weight(adapter_scores: np.ndarray, bridge_scores: np.ndarray, relevant: Sequence,
+                       grid: Sequence[float] = WEIGHT_GRID, k: int = 10) -> float:
+    """The grid weight with the best validation mAP@k (ties: the first in grid order)."""
+    curve = hybrid_weight_curve(adapter_scores, bridge_scores, relevant, grid, k)
+    return max(curve, key=lambda wm: wm[1])[0]
 
 
 def has_tags(audio_table, keys) -> bool:
@@ -56,7 +96,7 @@ def tune_on_dataset(dataset, audio_table, text_tower, *, model=None, text_table=
     token sequences for the adapter (else ``text_tower`` encodes the captions). ``scorer="bridge"`` tunes
     only the temperature (no model needed). Returns ``{EXTRA_BRIDGE_TEMPERATURE, [EXTRA_HYBRID_WEIGHT],
     "temperature_curve", ["weight_curve"], "n_queries", "n_clips"}``."""
-    from atae.evaluate import encode_texts, score_matrix
+    from atae.evaluate import encode_texts
 
     if scorer not in ("bridge", "hybrid"):
         raise DataError(f"cannot tune scorer {scorer!r}", fix="use bridge or hybrid")
@@ -72,31 +112,31 @@ def tune_on_dataset(dataset, audio_table, text_tower, *, model=None, text_table=
     tb = br.TagBridge(text_tower)
     tags = tb.clip_tags([audio_table.tags(c) for c in cands])
     cos = tb.cosines(texts)
-    t_curve = br.temperature_curve_from_cosines(cos, rel, tags, k=k)  # cos is reused below
+    t_curve = temperature_curve(cos, rel, tags, k=k)  # cos is reused below
     temp = max(t_curve, key=lambda tm: tm[1])[0]
     out = {br.EXTRA_BRIDGE_TEMPERATURE: temp, "temperature_curve": t_curve,
            "n_queries": len(texts), "n_clips": len(cands)}
     if scorer == "hybrid":
-        bridge_scores = br.softmax_rows(cos, temp) @ tags.T
+        bridge_scores = br.softmax_rows(cos, temp) @ br.tag_features(tags).T
         if seqs is None:
             seqs = encode_texts(text_tower, texts)
-        adapter = score_matrix(model, audio_table, cands, seqs)
-        w_curve = br.hybrid_weight_curve(adapter, bridge_scores, rel, k=k)
-        out[br.EXTRA_HYBRID_WEIGHT] = max(w_curve, key=lambda wm: wm[1])[0]
+        adapter = scoring.adapter_scores(model, [audio_table.get(c) for c in cands], seqs)
+        w_curve = hybrid_weight_curve(adapter, bridge_scores, rel, k=k)
+        out[scoring.EXTRA_HYBRID_WEIGHT] = max(w_curve, key=lambda wm: wm[1])[0]
         out["weight_curve"] = w_curve
     return out
 
 
 def store_tuned(model, tuned: dict, out_dir, *, data: str | None = None) -> None:
     """Write the tuned values into ``model.extras`` and re-save the model in ``out_dir``."""
-    for key in (br.EXTRA_BRIDGE_TEMPERATURE, br.EXTRA_HYBRID_WEIGHT):
+    for key in (br.EXTRA_BRIDGE_TEMPERATURE, scoring.EXTRA_HYBRID_WEIGHT):
         if key in tuned:
             model.extras[key] = float(tuned[key])
     best_t = dict(tuned["temperature_curve"]).get(tuned[br.EXTRA_BRIDGE_TEMPERATURE])
     info = {"data": data, "n_queries": tuned["n_queries"], "n_clips": tuned["n_clips"],
             "bridge_mAP@10": best_t}
     if "weight_curve" in tuned:
-        info["hybrid_mAP@10"] = dict(tuned["weight_curve"]).get(tuned[br.EXTRA_HYBRID_WEIGHT])
+        info["hybrid_mAP@10"] = dict(tuned["weight_curve"]).get(tuned[scoring.EXTRA_HYBRID_WEIGHT])
     model.extras[EXTRA_TUNED_ON] = info
     model.save(Path(out_dir))
 
@@ -127,4 +167,4 @@ def tune_after_training(model, val_src, out_dir, *, text_tower=None) -> dict:
     except Exception as e:  # noqa: BLE001 - tuning is an extra; the trained model is already saved
         return {"skipped": f"{type(e).__name__}: {e}"}
     store_tuned(model, tuned, out_dir, data=getattr(dataset, "name", None))
-    return {k: tuned[k] for k in (br.EXTRA_BRIDGE_TEMPERATURE, br.EXTRA_HYBRID_WEIGHT)}
+    return {k: tuned[k] for k in (br.EXTRA_BRIDGE_TEMPERATURE, scoring.EXTRA_HYBRID_WEIGHT)}

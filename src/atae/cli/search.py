@@ -133,15 +133,15 @@ def dataset_search(
     scorer (``atae.evaluate.scores_for``: adapter, bridge or hybrid; the tuned values in RUN's extras)."""
     import numpy as np
 
-    from atae.bridge import normalise_query, require_tag_head
+    from atae.bridge import require_tag_head
     from atae.data import read_caption_csv
     from atae.evaluate import scores_for
     from atae.features import FeatureStore, extract_audio
-    from atae.library.query import validate_text_query
     from atae.model import AlignedModel
+    from atae.query import clean_query
     from atae.towers.registry import get_audio_tower, get_text_tower
 
-    text = normalise_query(validate_text_query(text))
+    text = clean_query(text)
     model = AlignedModel.load(run)
     audio_tower = get_audio_tower(model.audio_info.name)
     if scorer in ("bridge", "hybrid"):

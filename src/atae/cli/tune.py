@@ -37,6 +37,7 @@ def tune(run, csv_path, audio_dir, feats, scorer, audio_encoder, audio_weights, 
          json_out, progress):
     """Tune the bridge temperature / hybrid weight on a validation set (stored in RUN if given)."""
     from atae import bridge as br
+    from atae import scoring
     from atae.bridge import require_tag_head
     from atae.data import read_caption_csv
     from atae.features import ensure_dataset_features
@@ -78,13 +79,13 @@ def tune(run, csv_path, audio_dir, feats, scorer, audio_encoder, audio_weights, 
     for t, m in tuned["temperature_curve"]:
         click.echo(f"{t:>11g}  {m:.4f}" + ("  <- best" if t == temp else ""))
     if "weight_curve" in tuned:
-        w = tuned[br.EXTRA_HYBRID_WEIGHT]
+        w = tuned[scoring.EXTRA_HYBRID_WEIGHT]
         click.echo("hybrid weight  mAP@10")
         for x, m in tuned["weight_curve"]:
             click.echo(f"{x:>13g}  {m:.4f}" + ("  <- best" if x == w else ""))
     best = f"best temperature: {temp:g}"
     if "weight_curve" in tuned:
-        best += f", best hybrid weight: {tuned[br.EXTRA_HYBRID_WEIGHT]:g}"
+        best += f", best hybrid weight: {tuned[scoring.EXTRA_HYBRID_WEIGHT]:g}"
     click.echo(best)
     if model is not None:
         store_tuned(model, tuned, run, data=str(csv_path))

@@ -19,13 +19,10 @@ Layout on disk, windowing and incremental rules: ``api.py``, ``indexer.py``, ``d
 
 from atae.library.api import Library, SearchResult, model_dir_checksum
 from atae.library.indexer import IndexReport
-from atae.library.query import MAX_QUERY_BYTES, validate_text_query
 
 __all__ = [
     "Library",
     "SearchResult",
     "IndexReport",
-    "validate_text_query",
-    "MAX_QUERY_BYTES",
     "model_dir_checksum",
 ]

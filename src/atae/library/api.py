@@ -29,8 +29,8 @@ from atae.errors import LibraryError, ModelError, QueryError
 from atae.library import indexer as _indexer
 from atae.library.db import LibraryDB
 from atae.library.lock import WriterLock
-from atae.library.query import validate_text_query
 from atae.library.vectors import HNSW_THRESHOLD, TOMBSTONE_REBUILD_FRACTION, VectorIndex, choose_kind
+from atae.query import clean_query
 
 
 @dataclass
@@ -94,8 +94,9 @@ class Library:
         self._audio_tower = audio_tower
         self._text_tower = text_tower
         self._model = None
-        self._scorers: dict = {}  # name -> scorer object (its per-library caches)
-        self._unavailable: tuple | None = None  # ((generation, model version), {name: why})
+        self._unavailable: tuple | None = None  # ((generation, model version), {name: why, ...})
+        self._state: tuple | None = None  # (key, SearchState) of the text scorers
+        self._tag_bridge: tuple | None = None  # (model version, TagBridge)
         self._lock = threading.RLock()
         self._writer = WriterLock(self.root)
         self.index: VectorIndex | None = None
@@ -345,22 +346,12 @@ class Library:
         return self.root / f"vectors-{self.space}.faiss"
 
     def _embed(self, seqs) -> np.ndarray:
-        """Search vectors (n, D) for raw tower sequences [(T_i, F)]: the model's audio embedding (adapter
-        per element, masked mean), or without a model the element mean of the raw vectors."""
+        """Search vectors (n, D) for raw tower sequences [(T_i, F)]: the model's audio embedding, or without
+        a model the element mean of the raw vectors."""
         m = self.model if self.model_version else None
         if m is None:
             return np.stack([np.asarray(s, dtype=np.float32).mean(axis=0) for s in seqs])
-        import torch
-
-        t_max = max(s.shape[0] for s in seqs)
-        z = np.zeros((len(seqs), t_max, seqs[0].shape[1]), dtype=np.float32)
-        mask = np.zeros((len(seqs), t_max), dtype=bool)
-        for i, s in enumerate(seqs):
-            z[i, : s.shape[0]] = s
-            mask[i, : s.shape[0]] = True
-        with torch.no_grad():
-            e = m.embed_audio(torch.from_numpy(z), torch.from_numpy(mask))
-        return e.detach().cpu().numpy().astype(np.float32)
+        return m.encode_audio(seqs)
 
     def _dim(self) -> int:
         if self.model_version:
@@ -403,10 +394,10 @@ class Library:
         if changed and len(live):
             # persist the repaired index only if no indexer is running (it owns the file then)
             if self._writer.held:
-                self._save_index()
+                self.save_index()
             elif self._writer.try_acquire():
                 try:
-                    self._save_index()
+                    self.save_index()
                 finally:
                     self._writer.release()
 
@@ -418,36 +409,21 @@ class Library:
             return "hnsw"
         return choose_kind("auto", n)
 
-    def _save_index(self) -> None:
-        if self.index is not None and self.index.ntotal:
-            self.index.save(self.index_path)
-
     def _remove_stale_index_files(self) -> None:
         for p in self.root.glob("vectors-*.faiss"):
             if p != self.index_path:
                 p.unlink(missing_ok=True)
 
-    # indexer hooks
-    def _segment_ids_of(self, file_ids: list[int]) -> np.ndarray:
-        out = []
-        for i in range(0, len(file_ids), 500):
-            chunk = [int(x) for x in file_ids[i : i + 500]]
-            q = ",".join("?" * len(chunk))
-            out += [
-                r[0] for r in self.db.conn.execute(f"SELECT id FROM segments WHERE file_id IN ({q})", chunk)
-            ]
-        return np.array(sorted(out), dtype=np.int64)
-
-    def _drop_vectors(self, ids: np.ndarray) -> None:
+    # --- hooks of the indexer (the only writer, holding the writer lock) -------------------------------
+    def drop_vectors(self, ids: np.ndarray) -> None:
+        """Forget the vectors of removed segments (HNSW keeps tombstones; searches skip ids SQLite no
+        longer has)."""
         if self.index is not None and len(ids):
-            self.index.remove(ids)  # HNSW keeps tombstones; searches skip ids SQLite no longer has
+            self.index.remove(ids)
 
-    def _sync_new_vectors(self) -> None:
-        """Append the vectors committed after ``_max_id`` (the indexer is the only writer)."""
-        rows = self.db.conn.execute(
-            "SELECT id FROM segments WHERE id > ? ORDER BY id", (self._max_id,)
-        ).fetchall()
-        ids = np.array([r[0] for r in rows], dtype=np.int64)
+    def sync_new_vectors(self) -> None:
+        """Append the vectors of the segments committed since the last call."""
+        ids = self.db.segment_ids_after(self._max_id)
         if not len(ids):
             return
         if self.index is None or self.index.ntotal == 0:
@@ -457,6 +433,11 @@ class Library:
             self.index.add(sid, self._embed(raw))
         self._max_id = int(ids[-1])
         self._gen = self.db.generation()
+
+    def save_index(self) -> None:
+        """Write the FAISS file (atomically)."""
+        if self.index is not None and self.index.ntotal:
+            self.index.save(self.index_path)
 
     @contextlib.contextmanager
     def _write(self, *, wait: bool = False):
@@ -520,7 +501,7 @@ class Library:
         if (text is None) == (audio is None):
             raise QueryError("give exactly one of a text query or an example sound (audio=...)")
         if text is not None:
-            text = validate_text_query(text)
+            text = clean_query(text)
             m = self.model if self.model_version else None
             if m is None:
                 raise QueryError(
@@ -529,13 +510,7 @@ class Library:
                     fix="train a model (atae train ...) and re-index with "
                     "`atae index DIR --db LIB --model RUN`, or use --scorer bridge",
                 )
-            import torch
-
-            seq = self.text_tower.encode([text])[0]
-            with torch.no_grad():
-                z = torch.from_numpy(np.ascontiguousarray(seq, dtype=np.float32))[None]
-                mask = torch.ones(1, z.shape[1], dtype=torch.bool)
-                return m.embed_text(z, mask).detach().cpu().numpy().astype(np.float32)[0]
+            return m.encode_text([self.text_tower.encode([text])[0]])[0]
         return self._embed([self.example_raw(audio)])[0]
 
     def example_raw(self, audio) -> np.ndarray:
@@ -578,9 +553,7 @@ class Library:
             self._refresh()
             scorer = self._resolve_scorer(scorer) if scorer is not None else None
             if text is not None:
-                from atae.bridge import normalise_query
-
-                text = normalise_query(validate_text_query(text))
+                text = clean_query(text)
             if scorer is not None:
                 if text is None:
                     raise QueryError("a scorer ranks text queries; drop --scorer for query by example")
@@ -633,26 +606,59 @@ class Library:
 
     def _resolve_scorer(self, scorer):
         """None for the adapter (the library's own vector space), a scorer object, or a name in
-        ``scorers.SCORERS`` (built once per library, so its caches follow this library)."""
+        ``scorers.SCORERS``."""
         if hasattr(scorer, "score"):
             return scorer
         from atae.library import scorers
 
         name = scorers.canonical(scorer)
-        if name == "adapter":
-            return None
-        if name not in self._scorers:
-            self._scorers[name] = scorers.SCORERS[name]()
-        return self._scorers[name]
+        return None if name == "adapter" else scorers.SCORERS[name]
 
     def scorers(self) -> dict:
-        """{"available": [names], "default": name or None, "unavailable": {name: why}} for UIs."""
+        """{"available": [names], "default": name or None, "unavailable": {name: why}, "untagged": n} for
+        UIs; ``untagged``: segments that bridge and hybrid results leave out (no AudioSet tags)."""
         from atae.library import scorers
 
         with self._lock:
             key = (self.db.generation(), self.model_version)
             if self._unavailable is None or self._unavailable[0] != key:  # the web page asks per search
-                self._unavailable = (key, scorers.unavailable(self))
+                why = scorers.unavailable(self)
+                untagged = self.db.count_untagged() if "bridge" not in why else 0
+                self._unavailable = (key, why, untagged)
             why = dict(self._unavailable[1])
             names = [n for n in scorers.SCORER_NAMES if n not in why]
-            return {"available": names, "default": scorers.preferred(names), "unavailable": why}
+            return {"available": names, "default": scorers.preferred(names), "unavailable": why,
+                    "untagged": self._unavailable[2]}
+
+    @property
+    def tag_bridge(self):
+        """The zero-shot bridge of this library: the model's text tower (else the default MiniLM) and the
+        model's tuned temperature (else the default)."""
+        from atae import bridge
+
+        with self._lock:
+            if self._tag_bridge is None or self._tag_bridge[0] != self.model_version:
+                model = self.model if self.model_version else None
+                tower = self._text_tower or self.text_tower
+                if tower is None:
+                    from atae.towers.registry import get_text_tower
+
+                    tower = get_text_tower("minilm", layer=bridge.BRIDGE_TEXT_LAYER)
+                tb = bridge.TagBridge(tower, temperature=bridge.bridge_temperature(model))
+                self._tag_bridge = (self.model_version, tb)
+            return self._tag_bridge[1]
+
+    def search_state(self):
+        """The ``SearchState`` of the current generation (built on first use, shared by the scorers)."""
+        from atae.library.search import SearchState
+
+        with self._lock:
+            self._refresh()
+            key = (self.db.generation(), self.model_version, id(self.index), self.index.ntotal)
+            if self._state is None or self._state[0] != key:
+                ids, tags = self.db.tags_matrix()
+                if tags is None:
+                    tags = np.zeros((0, 527), np.float32)
+                vi = self.index if self.model_version and len(ids) else None
+                self._state = (key, SearchState(ids, tags, vi, vi.rows_of(ids) if vi is not None else None))
+            return self._state[1]

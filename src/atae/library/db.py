@@ -316,6 +316,33 @@ class LibraryDB:
             if rows:
                 yield pack(rows)
 
+    def segment_ids_of(self, file_ids) -> np.ndarray:
+        """Sorted ids of the segments of the given files."""
+        out: list[int] = []
+        file_ids = [int(x) for x in file_ids]
+        for i in range(0, len(file_ids), 500):
+            chunk = file_ids[i : i + 500]
+            q = ",".join("?" * len(chunk))
+            out += [r[0] for r in self.conn.execute(f"SELECT id FROM segments WHERE file_id IN ({q})", chunk)]
+        return np.array(sorted(out), dtype=np.int64)
+
+    def segment_ids_after(self, last_id: int) -> np.ndarray:
+        """Ids of the segments committed after ``last_id`` (ids only grow), in order."""
+        rows = self.conn.execute("SELECT id FROM segments WHERE id > ? ORDER BY id", (int(last_id),))
+        return np.fromiter((r[0] for r in rows), dtype=np.int64)
+
+    def has_segments(self) -> bool:
+        return self.conn.execute("SELECT 1 FROM segments LIMIT 1").fetchone() is not None
+
+    def has_tags(self) -> bool:
+        """True when some segment has AudioSet tags (its tower has an AudioSet head)."""
+        row = self.conn.execute("SELECT 1 FROM segments WHERE tags IS NOT NULL LIMIT 1").fetchone()
+        return row is not None
+
+    def count_untagged(self) -> int:
+        """Segments without tags (indexed by a tower without an AudioSet head, or by an old atae)."""
+        return int(self.conn.execute("SELECT count(*) FROM segments WHERE tags IS NULL").fetchone()[0])
+
     def tags_matrix(self) -> tuple[np.ndarray, np.ndarray | None]:
         """(segment ids, (n, 527) float32 tag probabilities) for the zero-shot scorers; None if no tags."""
         rows = self.conn.execute(

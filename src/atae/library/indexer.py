@@ -192,14 +192,14 @@ def run_index(lib, roots, *, exts=None, progress: bool = True, batch_files: int 
     gone = [g for g in gone if g.id not in moved]  # once, not per move (a moved folder is many files)
     # cheap changes first, in one transaction: removals, moves, touched files
     if gone or moves or touch:
-        removed_ids = lib._segment_ids_of([g.id for g in gone])
+        removed_ids = db.segment_ids_of([g.id for g in gone])
         with db.transaction():
             db.delete_files([g.id for g in gone])
             for fid, p, size, mt in moves:
                 db.move_file(fid, p, size, mt)
             for fid, size, mt in touch:
                 db.touch_file(fid, size, mt)
-        lib._drop_vectors(removed_ids)
+        lib.drop_vectors(removed_ids)
         rep.removed += len(gone)
         rep.moved += len(moves)
 
@@ -242,12 +242,12 @@ def run_index(lib, roots, *, exts=None, progress: bool = True, batch_files: int 
                 _commit(lib, pending, known, rep)
                 pending, last_commit = [], now
                 if now - last_save > SAVE_SECONDS:
-                    lib._save_index()
+                    lib.save_index()
                     last_save = now
         _commit(lib, pending, known, rep)
     finally:
         bar.close()
-        lib._save_index()
+        lib.save_index()
     rep.wall_seconds = time.perf_counter() - t0
     return rep
 
@@ -265,7 +265,7 @@ def _commit(lib, pending, known, rep: IndexReport) -> None:
     db = lib.db
     replaced = [known[p[1].path].id for p in pending if p[0] == "put" and p[1].path in known]
     replaced += [p[1] for p in pending if p[0] == "delete"]
-    old_ids = lib._segment_ids_of(replaced)
+    old_ids = db.segment_ids_of(replaced)
     encoder, version = lib.audio_tower_key, lib.model_version  # each a meta read: once per batch
     with db.transaction():
         for p in pending:
@@ -299,8 +299,8 @@ def _commit(lib, pending, known, rep: IndexReport) -> None:
         else:
             rep.changed += 1
         rep.segments_added += len(segs)
-    lib._drop_vectors(old_ids)
-    lib._sync_new_vectors()
+    lib.drop_vectors(old_ids)
+    lib.sync_new_vectors()
 
 
 class _NoBar:

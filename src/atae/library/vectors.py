@@ -22,9 +22,6 @@
 
 from __future__ import annotations
 
-import os
-import queue
-import threading
 from pathlib import Path
 
 import faiss
@@ -42,81 +39,6 @@ TOMBSTONE_REBUILD_FRACTION = 0.2
 # idle team's synchronisation cost 20x (24 ms instead of 1 ms at 20k vectors). Searches run on one
 # thread; builds (many vectors) use every core.
 _BUILD_THREADS = max(1, faiss.omp_get_max_threads())
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-# Work of a query that can run beside its graph search (the hybrid's bridge side): FAISS releases the GIL
-# while it searches, so a second core does the other part. Only where a second core exists; else inline.
-BACKGROUND_SEARCH = _usable_cores() >= 2
-_jobs: queue.SimpleQueue | None = None
-_jobs_lock = threading.Lock()
-
-
-class Beside:
-    """The result of ``run_beside``: ``result()`` waits for it (and raises what the function raised)."""
-
-    def __init__(self, box: queue.SimpleQueue | None = None, value=None, error: BaseException | None = None):
-        self._box, self._value, self._error = box, value, error
-
-    def result(self):
-        if self._box is not None:
-            ok, self._value = self._box.get()
-            self._box = None
-            if not ok:
-                self._error, self._value = self._value, None
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
-def _forget_worker() -> None:
-    """A forked child has the queue but not the thread (nor a lock another thread held): start anew."""
-    global _jobs, _jobs_lock
-    _jobs, _jobs_lock = None, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_worker)
-
-
-def _beside_worker(jobs: queue.SimpleQueue) -> None:
-    while True:
-        fn, args, box = jobs.get()
-        try:
-            box.put((True, fn(*args)))
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's result()
-            box.put((False, exc))
-
-
-def run_beside(fn, *args, background: bool | None = None) -> Beside:
-    """``fn(*args)`` on a background thread when ``background`` (default ``BACKGROUND_SEARCH``), to run
-    while the caller searches the index; else now. ``result()`` of the answer returns or raises its outcome.
-
-    Why this way round (the caller searches, the thread does the rest): a search handed to a thread
-    waits for that thread to wake (~60 us on a VM), and its Python preamble for the GIL; here the search
-    starts at once and only the side work waits. A bare queue, not a ``ThreadPoolExecutor``: its futures
-    and locks cost ~20 us of Python per query on the critical path."""
-    global _jobs
-    if not (BACKGROUND_SEARCH if background is None else background):
-        try:
-            return Beside(value=fn(*args))
-        except Exception as exc:  # noqa: BLE001 - raised by result(), as from the thread
-            return Beside(error=exc)
-    if _jobs is None:
-        with _jobs_lock:
-            if _jobs is None:
-                jobs: queue.SimpleQueue = queue.SimpleQueue()
-                threading.Thread(target=_beside_worker, args=(jobs,), name="atae-beside", daemon=True).start()
-                _jobs = jobs
-    box: queue.SimpleQueue = queue.SimpleQueue()
-    _jobs.put((fn, args, box))
-    return Beside(box)
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -153,7 +75,6 @@ class VectorIndex:
     def __init__(self, index: faiss.Index):
         self.index = index
         self._ids: np.ndarray | None = None
-        # fixed for the life of the index; a downcast costs ~30 us, more than a small query's own work
         base = faiss.downcast_index(index.index)
         self._kind = "hnsw" if isinstance(base, faiss.IndexHNSW) else "flat"
         self._store = faiss.downcast_index(base.storage) if self._kind == "hnsw" else base
@@ -226,50 +147,34 @@ class VectorIndex:
         keep = i[0] >= 0
         return d[0][keep], i[0][keep]
 
-    def _storage(self) -> faiss.IndexFlat:
-        """The flat array of vectors behind the index (an HNSW graph keeps its vectors in one too)."""
-        return self._store
-
     def _unit_query(self, q: np.ndarray) -> np.ndarray:
         qq = normalize(q)[0]
         if qq.shape[0] != self.dim:
             raise LibraryError(f"query has dimension {qq.shape[0]}, the index {self.dim}")
         return qq
 
-    def all_scores(self, q: np.ndarray) -> np.ndarray | None:
-        """Inner product of ``q`` with every stored vector, in FAISS row order (``index.id_map``), for an
-        exact index (None for HNSW): FAISS's own kernel over its storage, no copy -- the cost of one
-        flat search (numpy's float32 matrix-vector product on the same rows is ~1.6x slower)."""
-        if self.kind != "flat" or self.ntotal == 0:
-            return None
-        store, qq = self._storage(), self._unit_query(q)
-        out = np.empty(store.ntotal, np.float32)
-        faiss.fvec_inner_products_ny(faiss.swig_ptr(out), faiss.swig_ptr(qq), store.get_xb(), store.d,
-                                     store.ntotal)
-        return out
+    def rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """FAISS row of each of ``ids`` (every one must be in the index)."""
+        id_map = faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        order = np.argsort(id_map, kind="stable")
+        return order[np.searchsorted(id_map[order], np.asarray(ids, dtype=np.int64))]
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), dim) float32 copy of the stored (unit) vectors at FAISS rows ``rows``."""
+        r = np.asarray(rows, dtype=np.int64)
+        return self._store.reconstruct_batch(r) if r.size else np.zeros((0, self.dim), np.float32)
 
     def scores_at(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Inner product of ``q`` with the vectors at FAISS rows ``rows`` (``storage_rows``), read in place:
-        no id lookup, no copy (``reconstruct_batch`` costs ~3x as much)."""
-        store, qq = self._storage(), self._unit_query(q)
+        """Inner product of ``q`` with the vectors at FAISS rows ``rows``, read in place (no copy)."""
+        qq = self._unit_query(q)
         r = np.ascontiguousarray(rows, dtype=np.int64)
-        if r.size and (r.min() < 0 or r.max() >= store.ntotal):
-            raise LibraryError(f"row out of range for an index of {store.ntotal} vectors")
+        if r.size and (r.min() < 0 or r.max() >= self._store.ntotal):
+            raise LibraryError(f"row out of range for an index of {self._store.ntotal} vectors")
         out = np.empty(r.size, np.float32)
         if r.size:
-            faiss.fvec_inner_products_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(qq), store.get_xb(),
-                                             faiss.swig_ptr(r), store.d, 1, r.size)
+            faiss.fvec_inner_products_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(qq), self._store.get_xb(),
+                                             faiss.swig_ptr(r), self.dim, 1, r.size)
         return out
-
-    def storage_rows(self, ids: np.ndarray) -> np.ndarray | None:
-        """FAISS row of each of ``ids`` (all must be in the index), or None when ``ids`` are the rows in
-        order (the usual case: segments added in id order; removals keep the order)."""
-        id_map = faiss.vector_to_array(self.index.id_map).astype(np.int64)
-        ids = np.asarray(ids, dtype=np.int64)
-        if id_map.shape == ids.shape and np.array_equal(id_map, ids):
-            return None
-        order = np.argsort(id_map, kind="stable")
-        return order[np.searchsorted(id_map[order], ids)]
 
     def save(self, path: Path) -> None:
         """Atomic write: temp file in the same folder, fsync, rename over the old one."""

@@ -1,0 +1,96 @@
+"""The three text scorers, as dense (queries x clips) matrices: what evaluation computes and what the
+library's fast search must reproduce.
+
+* ``adapter``: cosine of the trained adapters' text and audio embeddings (``AlignedModel.encode_*``).
+* ``bridge``: the zero-shot AudioSet tag bridge (``atae.bridge.TagBridge``), no training needed.
+* ``hybrid``: per query, each side is standardised over the clips of the corpus (z-score) and the two are
+  mixed, ``w * z(adapter) + (1 - w) * z(bridge)``, with the weight stored in the model directory
+  (``Fusion``). The corpus statistics are passed in when the columns are only some of the clips (the
+  library rescoring its candidates); by default they are those of the given columns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from atae.errors import AtaeError, ModelError
+
+SCORERS = ("adapter", "bridge", "hybrid")
+EXTRA_HYBRID_WEIGHT = "hybrid_weight"  # key in AlignedModel.extras, written by atae.tuning
+DEFAULT_HYBRID_WEIGHT = 0.5
+
+
+def adapter_scores(model, audio_seqs: Sequence[np.ndarray], text_seqs: Sequence[np.ndarray],
+                   *, chunk: int = 4096) -> np.ndarray:
+    """(Q, C) float32 cosine of every text with every clip, from tower sequences (text chunked)."""
+    a = model.encode_audio(audio_seqs)
+    out = np.empty((len(text_seqs), len(audio_seqs)), dtype=np.float32)
+    for s in range(0, len(text_seqs), chunk):
+        out[s:s + chunk] = model.encode_text(text_seqs[s:s + chunk]) @ a.T
+    return out
+
+
+def zscore_stats(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row (mean (Q,), population std (Q,)) of a (Q, C) score matrix."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 2:
+        raise ValueError(f"scores must be (Q, C), got {s.shape}")
+    return s.mean(axis=1), s.std(axis=1)
+
+
+def zscore(scores: np.ndarray, stats: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """(s - mean) / std per row, with ``stats`` = (mean, std) over the corpus (default: over ``scores``).
+
+    A constant row (std 0, e.g. a tagless corpus or a single candidate) becomes all zeros, so it adds
+    nothing to a hybrid instead of dividing by zero."""
+    s = np.asarray(scores, dtype=np.float64)
+    mu, sd = zscore_stats(s) if stats is None else (np.asarray(stats[0], np.float64),
+                                                     np.asarray(stats[1], np.float64))
+    mu, sd = mu.reshape(-1, 1), sd.reshape(-1, 1)
+    ok = sd > 1e-12
+    return np.where(ok, (s - mu) / np.where(ok, sd, 1.0), 0.0)
+
+
+def hybrid_scores(adapter: np.ndarray, bridge: np.ndarray, weight, *,
+                  adapter_stats=None, bridge_stats=None) -> np.ndarray:
+    """(Q, C) = w * zscore(adapter) + (1 - w) * zscore(bridge); ``weight`` a number or one per query."""
+    a, b = np.asarray(adapter), np.asarray(bridge)
+    if a.shape != b.shape:
+        raise ValueError(f"adapter scores {a.shape} and bridge scores {b.shape} differ in shape")
+    w = np.asarray(weight, dtype=np.float64).reshape(-1, 1)
+    if w.size not in (1, a.shape[0]) or not np.all((w >= 0.0) & (w <= 1.0)):
+        raise AtaeError(f"hybrid weight must lie in [0, 1] (one, or one per query), got {weight}")
+    return (w * zscore(a, adapter_stats) + (1.0 - w) * zscore(b, bridge_stats)).astype(np.float32)
+
+
+def check_hybrid_tower(model, audio_tower_info) -> None:
+    """A hybrid needs the adapter's clips and the tags from the same audio tower: refuse a mix-up."""
+    model_info = getattr(model, "audio_info", None)
+    if model_info is None or audio_tower_info is None:
+        return
+    if model_info.key() != audio_tower_info.key():
+        raise ModelError(
+            f"the model was trained on audio tower {model_info.name!r} ({model_info.key()}) but the tags and "
+            f"clips come from {audio_tower_info.name!r} ({audio_tower_info.key()})",
+            fix=f"use --audio-encoder {model_info.name} with the weights the model was trained on")
+
+
+class Fusion:
+    """How a model mixes its adapter with the bridge: the weight on the adapter, read from the model's
+    extras (``EXTRA_HYBRID_WEIGHT``), else ``DEFAULT_HYBRID_WEIGHT``."""
+
+    def __init__(self, weight: float = DEFAULT_HYBRID_WEIGHT):
+        if not 0.0 <= float(weight) <= 1.0:
+            raise AtaeError(f"hybrid weight must lie in [0, 1], got {weight}")
+        self.weight = float(weight)
+
+    @classmethod
+    def of(cls, model) -> Fusion:
+        extras = getattr(model, "extras", None) or {}
+        return cls(float(extras.get(EXTRA_HYBRID_WEIGHT, DEFAULT_HYBRID_WEIGHT)))
+
+    def weights(self, sentences: np.ndarray) -> np.ndarray:
+        """(Q,) adapter weight of each query, from the queries' bridge sentence embeddings (Q, F)."""
+        return np.full(len(sentences), self.weight)
