@@ -217,14 +217,16 @@ def _top_ids(score, ids, n):
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])
-def test_hybrid_through_the_library_equals_brute_force(tmp_path, kind):
+def test_hybrid_through_the_library_equals_brute_force(tmp_path, kind, monkeypatch):
     """HybridScorer.top against every segment scored with loops here: WordTower gives zero label
     embeddings, so the query's label distribution is uniform and b = the mean of a segment's sqrt tags;
     the query "high" is the one-hot of the HIGH band, so a = the segment vector's entry in that band.
-    The candidates are the adapter's and the bridge's top HYBRID_CANDIDATES, rescored."""
+    The candidates are the adapter's top HYBRID_CANDIDATES and the bridge's top BRIDGE_CANDIDATES."""
+    from atae.library import search
     from atae.library.scorers import HybridScorer
-    from atae.library.search import HYBRID_CANDIDATES
 
+    monkeypatch.setattr(search, "HYBRID_CANDIDATES", 128)
+    monkeypatch.setattr(search, "BRIDGE_CANDIDATES", 96)
     for i in range(4):
         write_tone_mix(tmp_path / "sounds" / f"m{i}.wav", 30.0, seed=i)
     lib = Library.open(tmp_path / "lib", create=True, audio_tower=BandTower(), text_tower=WordTower(),
@@ -237,7 +239,7 @@ def test_hybrid_through_the_library_equals_brute_force(tmp_path, kind):
     a = [float(v[band]) for v in lib.index.vectors(lib.index.rows_of(ids))]
     b = [sum(float(x) ** 0.5 for x in np.frombuffer(blob, np.float16)) / 527 for _, blob in rows]
     n = len(rows)
-    cand = set(_top_ids(a, ids, HYBRID_CANDIDATES)) | set(_top_ids(b, ids, HYBRID_CANDIDATES))
+    cand = set(_top_ids(a, ids, 128)) | set(_top_ids(b, ids, 96))
     assert len(cand) < n  # the candidate lists leave segments out
     za, zb = _z(a), _z(b)
     for w in (0.0, 0.3, 1.0):
@@ -292,37 +294,36 @@ def test_search_state_over_hnsw_with_gaps_and_untagged_segments():
                 for k in (5, 40):
                     keep = [c for c in range(n) if int(ids[c]) in inside]
                     want = sorted(keep, key=lambda c: (-mix[c], c))[:k]
-                    pos, sc = st.hybrid_top(q, d, w, k, candidates=cands)
+                    pos, sc = st.hybrid_top(q, d, w, k, graph=cands, bridge=cands)
                     assert [int(ids[p]) for p in pos] == [int(ids[c]) for c in want]
                     np.testing.assert_allclose(sc, mix[want], rtol=1e-4, atol=1e-4)
         bpos, bsc = st.bridge_top(d, 10)
         assert [int(ids[p]) for p in bpos] == _top_ids(b, ids, 10)
 
 
-def test_bridge_candidates_of_a_large_library_lose_nothing_when_tags_are_low_rank(monkeypatch):
-    """Above DENSE_LIMIT the bridge scans a rank-RANK projection of the tag features and rescores its best
-    candidates. Tag features spanning fewer dimensions than RANK are projected without loss, so the result
-    must equal scoring every segment; full-rank features still give the exact score of every result."""
+def test_bridge_candidates_of_a_large_library(monkeypatch):
+    """Above DENSE_LIMIT the bridge ranks segments by the BRIDGE_LABELS labels a query weighs most and
+    rescores the best BRIDGE_CANDIDATES. A distribution on at most BRIDGE_LABELS labels is thereby exact:
+    the result must equal scoring every segment; for any other, every result carries its exact score."""
     from atae.library import search
 
     monkeypatch.setattr(search, "DENSE_LIMIT", 500)
     monkeypatch.setattr(search, "BRIDGE_CANDIDATES", 50)
     rng = np.random.default_rng(4)
     n = 3000
-    topics = rng.random((search.RANK // 2, br.N_LABELS)) ** 4
-    feats = rng.dirichlet(np.full(len(topics), 0.2), size=n) @ topics  # rank <= RANK / 2
+    tags = (rng.random((n, br.N_LABELS)) ** 6).astype(np.float32)
+    feats = np.sqrt(tags.astype(np.float64))
     ids = np.arange(1, n + 1)
-    st = search.SearchState(ids, (feats ** 2).astype(np.float32))
-    assert st.low is not None
+    st = search.SearchState(ids, tags)
     for _ in range(5):
-        d = br.softmax_rows(rng.uniform(0, 0.8, (1, br.N_LABELS)), 0.07)[0]
+        d = np.zeros(br.N_LABELS)
+        on = rng.choice(br.N_LABELS, search.BRIDGE_LABELS, replace=False)
+        d[on] = rng.dirichlet(np.ones(len(on)))
         exact = feats @ d
         pos, sc = st.bridge_top(d, 20)
         assert [int(ids[p]) for p in pos] == _top_ids(exact, ids, 20)
-        np.testing.assert_allclose(sc, exact[pos], rtol=1e-4)
-    full = rng.random((n, br.N_LABELS)).astype(np.float32) ** 6
-    st = search.SearchState(ids, full)
+        np.testing.assert_allclose(sc, exact[pos], rtol=1e-5)
     d = br.softmax_rows(rng.uniform(0, 0.8, (1, br.N_LABELS)), 0.07)[0]
     pos, sc = st.bridge_top(d, 20)
-    np.testing.assert_allclose(sc, np.sqrt(full[pos]) @ d, rtol=1e-4)
+    np.testing.assert_allclose(sc, feats[pos] @ d, rtol=1e-5)
     assert list(sc) == sorted(sc, reverse=True)

@@ -342,8 +342,8 @@ def big_lib(tmp_path_factory):
 
 def _brute(lib, text, temperature, weight=None, candidates=None):
     """Every tagged segment by plain loops: ids and bridge scores, or with ``weight`` the hybrid (z-scores
-    over all tagged segments). ``candidates``: also the hybrid's candidate rule, the union of the adapter's
-    and the bridge's top ``candidates``, as a set of ids."""
+    over all tagged segments). ``candidates`` = (g, b): also the hybrid's candidate rule, the union of the
+    adapter's top g and the bridge's top b, as a set of ids."""
     rows = lib.db.conn.execute("SELECT id, tags FROM segments WHERE tags IS NOT NULL ORDER BY id").fetchall()
     ids = np.array([r[0] for r in rows])
     tags = np.stack([np.frombuffer(r[1], np.float16) for r in rows]).astype(np.float64)
@@ -360,8 +360,8 @@ def _brute(lib, text, temperature, weight=None, candidates=None):
     h = (weight * _z(a[None]) + (1 - weight) * _z(b[None]))[0]
     if candidates is None:
         return ids, h
-    top = {int(ids[j]) for j in sorted(range(len(ids)), key=lambda j: (-a[j], ids[j]))[:candidates]}
-    top |= {int(ids[j]) for j in sorted(range(len(ids)), key=lambda j: (-b[j], ids[j]))[:candidates]}
+    top = {int(ids[j]) for j in sorted(range(len(ids)), key=lambda j: (-a[j], ids[j]))[:candidates[0]]}
+    top |= {int(ids[j]) for j in sorted(range(len(ids)), key=lambda j: (-b[j], ids[j]))[:candidates[1]]}
     return ids, h, top
 
 
@@ -375,7 +375,7 @@ def _assert_top(got_ids, got_scores, ids, scores, n):
 
 
 @pytest.mark.parametrize("query", ["high laughter", "low male speech", "mid whispering and shout"])
-def test_library_bridge_and_hybrid_top_equal_brute_force(big_lib, query):
+def test_library_bridge_and_hybrid_top_equal_brute_force(big_lib, query, monkeypatch):
     from atae.library.scorers import BridgeScorer, HybridScorer
 
     n_seg = big_lib.db.counts()["segments"]
@@ -385,10 +385,12 @@ def test_library_bridge_and_hybrid_top_equal_brute_force(big_lib, query):
     hids, hdense = _brute(big_lib, query, 0.02, weight=0.3)
     for n in (5, 64):
         _assert_top(*bs.top(big_lib, query, n), ids, dense, n)
-    # the hybrid's candidates are the adapter's and the bridge's top HYBRID_CANDIDATES (< n_seg here)
-    from atae.library.search import HYBRID_CANDIDATES
+    # the hybrid's candidates: the adapter's top HYBRID_CANDIDATES and the bridge's top BRIDGE_CANDIDATES
+    from atae.library import search
 
-    _, h, cand = _brute(big_lib, query, 0.02, weight=0.3, candidates=HYBRID_CANDIDATES)
+    monkeypatch.setattr(search, "HYBRID_CANDIDATES", 200)
+    monkeypatch.setattr(search, "BRIDGE_CANDIDATES", 150)
+    _, h, cand = _brute(big_lib, query, 0.02, weight=0.3, candidates=(200, 150))
     assert len(cand) < n_seg
     inside = np.array([int(i) in cand for i in hids])
     for n in (5, 64):

@@ -104,7 +104,7 @@ class BridgeScorer:
     def score(self, library, text: str):
         """Every tagged segment's bridge score (dense)."""
         st, dist = self._query(library, text)
-        return st.ids, st.bridge_at(np.arange(len(st)), dist).astype(np.float32)
+        return st.ids, st.bridge_at(None, dist).astype(np.float32)
 
     def top(self, library, text: str, n: int):
         """The n best segments (ids, scores), best first."""
@@ -135,9 +135,8 @@ class HybridScorer(BridgeScorer):
     def score(self, library, text: str):
         """Every tagged segment's hybrid score (dense: ``atae.scoring.hybrid_scores`` over all of them)."""
         st, q, dist, w = self._query(library, text)
-        all_pos = np.arange(len(st))
         a = st.index.scores_at(q, st.rows)
-        return st.ids, scoring.hybrid_scores(a[None], st.bridge_at(all_pos, dist)[None], w)[0]
+        return st.ids, scoring.hybrid_scores(a[None], st.bridge_at(None, dist)[None], w)[0]
 
     def top(self, library, text: str, n: int):
         """The n best segments by the hybrid, from the adapter's and the bridge's candidate lists."""

@@ -3,21 +3,25 @@
 ``SearchState`` holds, for the segments that have AudioSet tags:
 
 * their ids (sorted) and FAISS rows, so a candidate's adapter cosine is read from the index in place;
-* their bridge tag features ``sqrt(tags)`` (``atae.bridge.tag_features``), float32, one row a segment;
-* a rank-``RANK`` projection of those features (their principal components), scanned to find the
-  bridge's candidates in a library too large to score every segment for every query;
+* their bridge tag features ``sqrt(tags)`` (``atae.bridge.tag_features``), float32, twice: one row per
+  segment (to rescore candidates) and one row per label (so a query can read just the labels it weighs
+  most; a column gather from the first costs ten times more);
 * each side's corpus mean and covariance, so the hybrid's per-query z-scores over all segments are closed
   form (mean = v . mu, variance = v' C v) although only candidates are scored.
 
-Search rules (the same results as ``atae.scoring`` on the whole library, up to the candidate lists):
+Search rules (the results of ``atae.scoring`` on the whole library, up to the candidate lists):
 
-* **bridge**: every segment scored exactly when there are at most ``DENSE_LIMIT``; above, the
-  ``BRIDGE_CANDIDATES`` best by the projection are rescored exactly.
+* **bridge**: every segment scored when there are at most ``DENSE_LIMIT``; above, each segment gets a
+  partial score from the ``BRIDGE_LABELS`` labels the query weighs most, and the ``BRIDGE_CANDIDATES``
+  best by it are rescored exactly. (A query whose distribution sits on at most ``BRIDGE_LABELS`` labels
+  is thereby exact.)
 * **hybrid**: the union of the adapter's top ``HYBRID_CANDIDATES`` (the FAISS index: exact for a flat
-  index, approximate for HNSW) and the bridge's top ``HYBRID_CANDIDATES``, rescored exactly on both sides
-  and mixed with the corpus z-scores. A segment outside both lists would have to rank low on both sides
-  yet high on their mix; ``bench/bench_hybrid.py`` measures how often that costs a result (recall against
-  the dense computation) and chose the list lengths.
+  index, approximate for HNSW) and the bridge's ``BRIDGE_CANDIDATES`` candidates, rescored exactly on
+  both sides and mixed with the corpus z-scores. A segment outside both lists would have to rank low on
+  both sides yet high on their mix.
+
+``bench/bench_hybrid.py`` measured the recall of both rules against the dense computation on a 100k
+library of real mn04 tags and chose the numbers (``bench/results/hybrid.json``).
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ import numpy as np
 from atae import bridge as br
 from atae import scoring
 
-DENSE_LIMIT = 20_000
-RANK = 64
-BRIDGE_CANDIDATES = 1024
+DENSE_LIMIT = 4096
+BRIDGE_LABELS = 8
+BRIDGE_CANDIDATES = 512
 HYBRID_CANDIDATES = 256
 
 
@@ -41,14 +45,9 @@ class SearchState:
         library's ``VectorIndex`` (None: no adapter side); ``rows``: each id's row in it."""
         self.ids = np.asarray(ids, np.int64)
         self.feats = br.tag_features(tags)
+        self.by_label = np.ascontiguousarray(self.feats.T)
         self.index, self.rows = vectors, rows
-        self.bridge_mean, cov = _moments(self.feats)
-        self.bridge_cov = cov
-        self.basis = self.low = None
-        if len(self.ids) > DENSE_LIMIT:
-            _, vec = np.linalg.eigh(cov)
-            self.basis = np.ascontiguousarray(vec[:, ::-1][:, :RANK], dtype=np.float32)
-            self.low = np.ascontiguousarray(self.feats @ self.basis)
+        self.bridge_mean, self.bridge_cov = _moments(self.feats)
         self.adapter_mean = self.adapter_cov = None
         if vectors is not None and len(self.ids):
             self.adapter_mean, self.adapter_cov = _moments(vectors.vectors(rows))
@@ -57,33 +56,42 @@ class SearchState:
         return len(self.ids)
 
     # ---- the bridge side
-    def bridge_at(self, pos: np.ndarray, dist: np.ndarray) -> np.ndarray:
-        """Exact bridge scores of the segments at positions ``pos``."""
-        return self.feats[pos] @ np.asarray(dist, np.float32)
+    def bridge_at(self, pos: np.ndarray | None, dist: np.ndarray) -> np.ndarray:
+        """Exact bridge scores of the segments at positions ``pos`` (None: every segment)."""
+        d = np.asarray(dist, np.float32)
+        return d @ self.by_label if pos is None else self.feats[pos] @ d
+
+    def bridge_candidates(self, dist: np.ndarray, m: int) -> np.ndarray:
+        """Positions (ascending) of the m segments most likely to score best: every segment's exact score
+        up to ``DENSE_LIMIT`` segments, else a partial score from the ``BRIDGE_LABELS`` labels ``dist``
+        weighs most (ties at the m-th place are all kept)."""
+        d = np.asarray(dist, np.float32)
+        if len(self.ids) <= DENSE_LIMIT:
+            return _top(self.bridge_at(None, d), m)
+        partial = np.zeros(len(self.ids), np.float32)
+        for lab in _top(d, BRIDGE_LABELS)[:BRIDGE_LABELS]:
+            partial += d[lab] * self.by_label[lab]
+        return _top(partial, m)
 
     def bridge_top(self, dist: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(positions, exact scores) of the n best segments by the bridge, best first (ties: lower id)."""
-        d = np.asarray(dist, np.float32)
-        if self.low is None:
-            pos = np.arange(len(self.ids))
-        else:  # the projection's best, rescored exactly
-            pos = _top(self.low @ (self.basis.T @ d), max(BRIDGE_CANDIDATES, n))
-        return _best(pos, self.bridge_at(pos, d), n)
+        pos = self.bridge_candidates(dist, max(BRIDGE_CANDIDATES, n))
+        return _best(pos, self.bridge_at(pos, dist), n)
 
     def bridge_stats(self, dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(mean, std) over all segments of one query's bridge scores, as one-element arrays."""
         return _stats(np.asarray(dist, np.float64), self.bridge_mean, self.bridge_cov)
 
     # ---- the hybrid
-    def hybrid_top(self, q: np.ndarray, dist: np.ndarray, weight: float, n: int,
-                   candidates: int = HYBRID_CANDIDATES) -> tuple[np.ndarray, np.ndarray]:
+    def hybrid_top(self, q: np.ndarray, dist: np.ndarray, weight: float, n: int, *,
+                   graph: int | None = None, bridge: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(positions, scores) of the n best segments by ``atae.scoring.hybrid_scores`` over the whole
-        library (corpus z-scores), found among the adapter's and the bridge's top ``candidates``."""
-        m = max(candidates, n)
-        _, hits = self.index.search(q, m)
-        graph = np.searchsorted(self.ids, hits)
-        graph = graph[(graph < len(self.ids)) & (self.ids[np.minimum(graph, len(self.ids) - 1)] == hits)]
-        pos = np.union1d(graph, self.bridge_top(dist, m)[0])
+        library (corpus z-scores), found among the adapter index's top ``graph`` (default
+        ``HYBRID_CANDIDATES``) and the bridge's ``bridge`` candidates (default ``BRIDGE_CANDIDATES``)."""
+        _, hits = self.index.search(q, max(graph or HYBRID_CANDIDATES, n))
+        near = np.searchsorted(self.ids, hits)
+        near = near[(near < len(self.ids)) & (self.ids[np.minimum(near, len(self.ids) - 1)] == hits)]
+        pos = np.union1d(near, self.bridge_candidates(dist, max(bridge or BRIDGE_CANDIDATES, n)))
         a = self.index.scores_at(q, self.rows[pos])
         h = scoring.hybrid_scores(a[None], self.bridge_at(pos, dist)[None], weight,
                                   adapter_stats=_stats(np.asarray(q, np.float64), self.adapter_mean,
@@ -110,8 +118,10 @@ def _stats(v: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> tuple[np.ndarray
 
 
 def _top(s: np.ndarray, n: int) -> np.ndarray:
-    """Indices of the n largest of s (any order)."""
-    return np.arange(len(s)) if n >= len(s) else np.argpartition(-s, n - 1)[:n]
+    """Indices (ascending) of the n largest of s, and of every value tied with the n-th."""
+    if n >= len(s):
+        return np.arange(len(s))
+    return np.flatnonzero(s >= np.partition(s, len(s) - n)[len(s) - n])
 
 
 def _best(pos: np.ndarray, s: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
