@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -71,6 +72,34 @@ def test_save_load_round_trip(tmp_path):
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["format_version"] == 1 and cfg["audio_tower"]["dim"] == 12 and cfg["out_dim"] == 16
     assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_caption_reference_round_trips_as_float16(tmp_path):
+    fa, ft = _infos()
+    m = AlignedModel(fa, ft, hidden=8, out_dim=4)
+    assert AlignedModel.load(m.save(tmp_path / "none")).caption_reference is None
+    ref = np.random.default_rng(0).standard_normal((7, 4)).astype(np.float32)
+    m.caption_reference = ref
+    back = AlignedModel.load(m.save(tmp_path / "ref"))
+    np.testing.assert_array_equal(back.caption_reference, ref.astype(np.float16).astype(np.float32))
+    m.caption_reference = ref[:, :3]  # not the model's output width: refused on load, never guessed
+    m.save(tmp_path / "bad")
+    with pytest.raises(ModelError, match="caption_reference"):
+        AlignedModel.load(tmp_path / "bad")
+
+
+def test_encode_is_the_masked_mean_embedding_at_unit_length():
+    fa, ft = _infos()
+    torch.manual_seed(3)
+    m = AlignedModel(fa, ft, hidden=16, out_dim=8)
+    rng = np.random.default_rng(1)
+    seqs = [rng.standard_normal((n, 8)).astype(np.float32) for n in (1, 4, 2)]
+    got = m.encode_text(seqs, batch=2)
+    for s, g in zip(seqs, got, strict=True):
+        e = m.embed_text(torch.from_numpy(s)[None], normalize=True)[0].detach().numpy()
+        np.testing.assert_allclose(g, e, atol=1e-6)
+    with pytest.raises(ModelError, match="sequences"):
+        m.encode_audio([np.zeros((2, 5), np.float32)])
 
 
 def test_load_errors_name_the_problem(tmp_path):

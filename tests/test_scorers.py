@@ -16,7 +16,7 @@ from atae.cli import main
 from atae.errors import QueryError
 from atae.library import Library
 from atae.model import AlignedModel
-from atae.scoring import EXTRA_HYBRID_WEIGHT
+from atae.scoring import EXTRA_HYBRID_GATE, EXTRA_HYBRID_WEIGHT
 from atae.towers import registry
 from atae.towers.base import TowerInfo
 from library_fakes import FREQS, BandTower, IdentityModel, WordTower, write_tone, write_tone_mix
@@ -256,6 +256,16 @@ def test_hybrid_through_the_library_equals_brute_force(tmp_path, kind, monkeypat
         np.testing.assert_allclose(d_sc, mix, rtol=1e-4, atol=1e-4)
     res = lib.search("high", scorer="hybrid", k=2)
     assert len(res) == 2 and res[0].score >= res[1].score
+    # the novelty gate: trained only on "low" captions, the model leaves a "high" query to the bridge
+    low = np.zeros((1, 16), np.float32)
+    low[0, int(FREQS["low"] // 250)] = 1.0
+    lib.model.caption_reference = low
+    lib.model.extras = {EXTRA_HYBRID_WEIGHT: 1.0, EXTRA_HYBRID_GATE: 0.9}
+    inside = [c for c in range(n) if int(ids[c]) in cand]
+    want = sorted(inside, key=lambda c: (-zb[c], c))[:7]
+    got, sc = HybridScorer().top(lib, "high", 7)
+    assert list(got) == [rows[c][0] for c in want]
+    np.testing.assert_allclose(sc, [zb[c] for c in want], rtol=1e-4, atol=1e-4)
     lib.close()
 
 

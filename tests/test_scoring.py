@@ -97,3 +97,34 @@ def test_fusion_weight_and_tower_check():
     assert scoring.Fusion.of(M()).weight == scoring.DEFAULT_HYBRID_WEIGHT
     with pytest.raises(AtaeError):
         scoring.Fusion(1.2)
+
+
+def test_closeness_and_the_novelty_gate_by_hand():
+    rng = np.random.default_rng(2)
+    ref = rng.standard_normal((9, 6))
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    q = rng.standard_normal((4, 6))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    by_hand = [sum(sorted((float(x @ r) for r in ref), reverse=True)[:5]) / 5 for x in q]
+    np.testing.assert_allclose(scoring.closeness(q, ref), by_hand, atol=1e-6)
+    np.testing.assert_allclose(scoring.closeness(q, ref[:2]), [float(np.mean(x @ ref[:2].T)) for x in q],
+                               atol=1e-6)  # fewer than 5 references: all of them
+    threshold = float(np.median(by_hand))
+    f = scoring.Fusion(0.8, threshold, ref)
+    assert f.gated
+    assert list(f.weights(q)) == [0.8 if s >= threshold else 0.0 for s in by_hand]
+    # without a reference or a threshold (an older model): the weight for every query
+    assert list(scoring.Fusion(0.8, threshold, None).weights(q)) == [0.8] * 4
+    assert list(scoring.Fusion(0.8, None, ref).weights(q)) == [0.8] * 4
+
+    class M:
+        extras = {scoring.EXTRA_HYBRID_WEIGHT: 0.8, scoring.EXTRA_HYBRID_GATE: threshold}
+        caption_reference = ref
+
+    assert list(scoring.Fusion.of(M()).weights(q)) == list(f.weights(q))
+    # the dense hybrid with a gated weight: an out-of-domain query ranks by the bridge alone
+    a, b = rng.standard_normal((4, 7)), rng.random((4, 7))
+    got = scoring.hybrid_scores(a, b, f.weights(q))
+    for i, s in enumerate(by_hand):
+        if s < threshold:
+            np.testing.assert_allclose(got[i], zscore_by_hand(list(b[i])), atol=1e-6)

@@ -86,6 +86,17 @@ def test_atae_recipe_learns_and_writes_run_folder(world, tmp_path):
     assert best["val_mAP@10"] > 0.5
     assert (tmp_path / "run" / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert model.train_summary["stages"][0]["best_epoch"] == best["epoch"]
+    # the hybrid's novelty gate keeps the training captions: one unit text embedding per distinct caption
+    texts = {}
+    for c in ds["train"].clips:
+        for i in range(len(c.captions)):
+            seq = ttab.get(f"{c.key}#{i}")
+            texts[seq.tobytes()] = seq
+    want = model.encode_text(list(texts.values()))
+    ref = model.caption_reference
+    assert ref is not None and ref.shape == (len(texts), model.out_dim)
+    got = sorted(map(tuple, np.round(ref, 2)))
+    assert got == sorted(map(tuple, np.round(want.astype(np.float16).astype(np.float32), 2)))
 
 
 def test_training_is_deterministic(world, tmp_path):

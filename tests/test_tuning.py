@@ -17,7 +17,7 @@ from atae import bridge as br
 from atae import tuning
 from atae.cli import main
 from atae.model import AlignedModel
-from atae.scoring import EXTRA_HYBRID_WEIGHT, Fusion
+from atae.scoring import EXTRA_HYBRID_GATE, EXTRA_HYBRID_WEIGHT, Fusion
 from atae.towers import registry
 from atae.towers.base import TextTower, TowerInfo
 from library_fakes import FREQS, BandTower, WordTower, write_tone, write_tone_mix
@@ -123,7 +123,7 @@ def _identity_model(info_a, info_t) -> AlignedModel:
     return m
 
 
-def _brute_force(ds, atab, ttab):
+def _brute_force(ds, atab, ttab, temperatures=br.TEMPERATURE_GRID):
     """(best temperature, best weight) by plain grid loops; adapter = cosine of mean rows (identity MLP)."""
     cands = [c.key for c in ds.clips]
     texts, rel, tk = [], [], []
@@ -135,7 +135,7 @@ def _brute_force(ds, atab, ttab):
     labels = _label_matrix()
     tags = np.sqrt(np.stack([atab.tags(k).mean(0) for k in cands]).astype(np.float64))
     best_t, best_m = None, -1.0
-    for t in br.TEMPERATURE_GRID:
+    for t in temperatures:
         s = np.stack([tags @ _dist(q, t, labels) for q in texts])
         m = _map10(s, rel)
         if m > best_m + 1e-12:
@@ -224,17 +224,34 @@ def test_tune_on_dataset_matches_brute_force_grid_loops():
     assert only_t[br.EXTRA_BRIDGE_TEMPERATURE] == exp_t and EXTRA_HYBRID_WEIGHT not in only_t
 
 
+def _closeness_by_hand(vec, reference) -> float:
+    """Mean of the 5 largest cosines of a unit vector with the reference rows."""
+    cos = sorted((sum(float(x) * float(y) for x, y in zip(vec, r, strict=True)) for r in reference),
+                 reverse=True)
+    return sum(cos[:5]) / min(5, len(cos))
+
+
 def test_tune_after_training_stores_values_and_skips_towers_without_head(tmp_path):
     from atae.tuning import EXTRA_TUNED_ON, tune_after_training
 
     ds, atab, ttab = _tag_world(1)
     model = _identity_model(atab.info, ttab.info)
+    rng = np.random.default_rng(7)
+    ref = rng.standard_normal((12, 16))
+    model.caption_reference = (ref / np.linalg.norm(ref, axis=1, keepdims=True)).astype(np.float32)
     model.save(tmp_path / "run")
-    exp_t, exp_w, _ = _brute_force(ds, atab, ttab)
+    # after training the bridge keeps its default temperature: only the fusion is tuned
+    exp_t, exp_w, _ = _brute_force(ds, atab, ttab, temperatures=(br.DEFAULT_TEMPERATURE,))
+    # the gate: the least closeness of a validation caption (identity adapter: its unit mean token row)
+    vecs = [ttab.get(f"{c.key}#{i}").mean(0) for c in ds.clips for i in range(len(c.captions))]
+    exp_gate = min(_closeness_by_hand(v / np.linalg.norm(v), model.caption_reference) for v in vecs)
     out = tune_after_training(model, (ds, atab, ttab), tmp_path / "run", text_tower=HashTower())
-    assert out == {br.EXTRA_BRIDGE_TEMPERATURE: exp_t, EXTRA_HYBRID_WEIGHT: exp_w}
+    assert out[br.EXTRA_BRIDGE_TEMPERATURE] == exp_t == br.DEFAULT_TEMPERATURE
+    assert out[EXTRA_HYBRID_WEIGHT] == exp_w
+    assert out[EXTRA_HYBRID_GATE] == pytest.approx(exp_gate, abs=1e-5)
     loaded = AlignedModel.load(tmp_path / "run")
     assert loaded.extras[br.EXTRA_BRIDGE_TEMPERATURE] == exp_t and Fusion.of(loaded).weight == exp_w
+    assert Fusion.of(loaded).threshold == pytest.approx(exp_gate, abs=1e-5)
     assert loaded.extras[EXTRA_TUNED_ON]["n_queries"] == 2 * len(ds.clips)
     # no AudioSet tags: nothing tuned, nothing written
     plain = FakeTable(atab.info, {k: atab.get(k) for k in atab.keys})

@@ -244,7 +244,7 @@ def scores_for(scorer: str, *, candidates: Sequence[str], texts: Sequence[str], 
     bridge = tb.distribution(sentences) @ clip_feats.T
     if scorer == "bridge":
         return np.asarray(bridge, dtype=np.float32)
-    return hybrid_scores(adapter, bridge, Fusion.of(model).weights(sentences))
+    return hybrid_scores(adapter, bridge, Fusion.of(model).weights(model.encode_text(text_seqs)))
 
 
 def evaluate_run(run_dir=None, *, audio_dir, json_out=None, csv=None, queries=None, submission=None,

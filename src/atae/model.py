@@ -26,6 +26,7 @@ from atae.towers.base import TowerInfo
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "adapters.safetensors"
+REFERENCE_KEY = "caption_reference"  # tensor in WEIGHTS_NAME beside the adapters (see AlignedModel)
 
 
 class Adapter(nn.Module):
@@ -73,6 +74,9 @@ class AlignedModel(nn.Module):
         self.text_adapter = Adapter(text_info.dim, hidden, out_dim)
         self.extras: dict = dict(extras or {})  # persisted in config.json (e.g. a hybrid weight)
         self.train_summary: dict = {}  # persisted in config.json (recipe, epochs, best val score)
+        # (N, out_dim) unit text-adapter embeddings of the training captions, or None: how far a query is
+        # from what the adapters were trained on (``atae.scoring.Fusion``); saved beside the adapters
+        self.caption_reference: np.ndarray | None = None
 
     def embed_audio(self, z: torch.Tensor, mask: torch.Tensor | None = None, *,
                     normalize: bool = False) -> torch.Tensor:
@@ -113,6 +117,8 @@ class AlignedModel(nn.Module):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        if self.caption_reference is not None:
+            state[REFERENCE_KEY] = torch.from_numpy(np.ascontiguousarray(self.caption_reference, np.float16))
         with atomic_path(d / WEIGHTS_NAME) as tmp:
             save_file(state, tmp)
             sha = _sha256(Path(tmp))
@@ -155,7 +161,12 @@ class AlignedModel(nn.Module):
                         hidden=cfg["hidden"], out_dim=cfg["out_dim"], extras=cfg.get("extras") or {})
             model.train_summary = cfg.get("training") or {}
             state = load_file(str(w_path))
+            ref = state.pop(REFERENCE_KEY, None)
             model.load_state_dict(state, strict=True)
+            if ref is not None:
+                if ref.ndim != 2 or ref.shape[1] != model.out_dim:
+                    raise RuntimeError(f"{REFERENCE_KEY} has shape {tuple(ref.shape)}")
+                model.caption_reference = ref.float().numpy()
         except (KeyError, TypeError) as e:
             raise ModelError(f"config.json lacks a field ({e})", path=cfg_path,
                              fix="retrain the model") from e

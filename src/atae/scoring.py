@@ -4,9 +4,10 @@ library's fast search must reproduce.
 * ``adapter``: cosine of the trained adapters' text and audio embeddings (``AlignedModel.encode_*``).
 * ``bridge``: the zero-shot AudioSet tag bridge (``atae.bridge.TagBridge``), no training needed.
 * ``hybrid``: per query, each side is standardised over the clips of the corpus (z-score) and the two are
-  mixed, ``w * z(adapter) + (1 - w) * z(bridge)``, with the weight stored in the model directory
-  (``Fusion``). The corpus statistics are passed in when the columns are only some of the clips (the
-  library rescoring its candidates); by default they are those of the given columns.
+  mixed, ``w * z(adapter) + (1 - w) * z(bridge)``, with the query's weight from the model (``Fusion``:
+  the tuned weight, or 0 for a query unlike the training captions). The corpus statistics are passed
+  in when the columns are only some of the clips (the library rescoring its candidates); by default
+  they are those of the given columns.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import numpy as np
 from atae.errors import AtaeError, ModelError
 
 SCORERS = ("adapter", "bridge", "hybrid")
-EXTRA_HYBRID_WEIGHT = "hybrid_weight"  # key in AlignedModel.extras, written by atae.tuning
+EXTRA_HYBRID_WEIGHT = "hybrid_weight"  # keys in AlignedModel.extras, written by atae.tuning
+EXTRA_HYBRID_GATE = "hybrid_gate"
 DEFAULT_HYBRID_WEIGHT = 0.5
 
 
@@ -77,20 +79,51 @@ def check_hybrid_tower(model, audio_tower_info) -> None:
             fix=f"use --audio-encoder {model_info.name} with the weights the model was trained on")
 
 
-class Fusion:
-    """How a model mixes its adapter with the bridge: the weight on the adapter, read from the model's
-    extras (``EXTRA_HYBRID_WEIGHT``), else ``DEFAULT_HYBRID_WEIGHT``."""
+def closeness(vectors: np.ndarray, reference: np.ndarray, top: int = 5, chunk: int = 1024) -> np.ndarray:
+    """(Q,) how close each unit vector is to a reference set: the mean of its ``top`` largest cosines."""
+    v, ref = np.asarray(vectors, np.float32), np.asarray(reference, np.float32)
+    n = min(top, len(ref))
+    out = np.zeros(len(v))
+    for a in range(0, len(v), chunk):
+        c = v[a:a + chunk] @ ref.T
+        out[a:a + chunk] = np.partition(c, c.shape[1] - n, axis=1)[:, -n:].mean(axis=1)
+    return out
 
-    def __init__(self, weight: float = DEFAULT_HYBRID_WEIGHT):
+
+class Fusion:
+    """How a model mixes its adapter with the bridge, per query.
+
+    ``weight``: the adapter's weight, tuned on validation data after training (``EXTRA_HYBRID_WEIGHT``).
+    A *novelty gate* keeps it for queries like those the adapters learned from and drops it to 0 (the
+    bridge alone) for the others: a query's closeness is the mean of its 5 highest cosines with the
+    training captions in the text adapter's output space (``AlignedModel.caption_reference``), and a query
+    less close than every validation query was (``threshold``, ``EXTRA_HYBRID_GATE``) is out of domain.
+    Why: a weight tuned on in-domain validation trusts the adapter, which fails on unlike queries; chosen
+    on dev data over shrinkage, log-space fusion, rank fusion and soft ramps (``bench/fusion_study.py``).
+    A model without a reference or threshold (older, or trained elsewhere) uses the weight for every query.
+    """
+
+    def __init__(self, weight: float = DEFAULT_HYBRID_WEIGHT, threshold: float | None = None,
+                 reference: np.ndarray | None = None):
         if not 0.0 <= float(weight) <= 1.0:
             raise AtaeError(f"hybrid weight must lie in [0, 1], got {weight}")
         self.weight = float(weight)
+        self.threshold = None if threshold is None else float(threshold)
+        self.reference = reference
 
     @classmethod
     def of(cls, model) -> Fusion:
         extras = getattr(model, "extras", None) or {}
-        return cls(float(extras.get(EXTRA_HYBRID_WEIGHT, DEFAULT_HYBRID_WEIGHT)))
+        return cls(float(extras.get(EXTRA_HYBRID_WEIGHT, DEFAULT_HYBRID_WEIGHT)),
+                   extras.get(EXTRA_HYBRID_GATE), getattr(model, "caption_reference", None))
 
-    def weights(self, sentences: np.ndarray) -> np.ndarray:
-        """(Q,) adapter weight of each query, from the queries' bridge sentence embeddings (Q, F)."""
-        return np.full(len(sentences), self.weight)
+    @property
+    def gated(self) -> bool:
+        return self.threshold is not None and self.reference is not None and len(self.reference) > 0
+
+    def weights(self, text_vectors: np.ndarray) -> np.ndarray:
+        """(Q,) adapter weight of each query from its unit text-adapter embedding (Q, D)."""
+        if not self.gated:
+            return np.full(len(text_vectors), self.weight)
+        inside = closeness(text_vectors, self.reference) >= self.threshold
+        return np.where(inside, self.weight, 0.0)

@@ -1,17 +1,21 @@
-"""Tune the zero-shot bridge's temperature and the hybrid weight on a validation set, and store them.
+"""Tune the zero-shot bridge's temperature and the hybrid's fusion on a validation set, and store them.
 
-Why: both values are chosen on validation data, and whoever searches later (``atae evaluate``,
-``atae search``, a library, the web page) should get them without knowing they exist. They live in the
-model directory's ``config.json`` (``AlignedModel.extras``: ``atae.bridge.EXTRA_BRIDGE_TEMPERATURE`` and
-``atae.scoring.EXTRA_HYBRID_WEIGHT``); a model without them uses the defaults.
+Why: whoever searches later (``atae evaluate``, ``atae search``, a library, the web page) gets the values
+without knowing they exist. They live in the model directory's ``config.json`` (``AlignedModel.extras``:
+``atae.bridge.EXTRA_BRIDGE_TEMPERATURE``, ``atae.scoring.EXTRA_HYBRID_WEIGHT`` and ``EXTRA_HYBRID_GATE``);
+a model without them uses the defaults.
 
 Procedure (DCASE 2022 layout: every caption queries all validation clips, its own clip relevant):
-1. temperature: the ``TEMPERATURE_GRID`` value with the best bridge mAP@10 (``tune_temperature``);
-2. weight: with the bridge at that temperature, the ``WEIGHT_GRID`` value with the best hybrid mAP@10
-   (``tune_hybrid_weight``). Ties go to the first grid value.
+1. temperature (``atae tune`` only): the ``TEMPERATURE_GRID`` value with the best bridge mAP@10;
+2. weight: with the bridge at that temperature, the ``WEIGHT_GRID`` value with the best hybrid mAP@10.
+   Ties go to the first grid value.
+3. gate: the least closeness to the training captions among the validation queries (``Fusion``).
 
-``atae train`` runs this after training when the audio tower has an AudioSet head; ``atae tune`` re-runs
-it on any Clotho-format validation set (or, without a model, only reports the best temperature).
+``atae train`` runs steps 2-3 after training when the audio tower has an AudioSet head. It keeps the
+bridge's default temperature, which was chosen on varied dev data: validation captions are like the
+training captions, and a temperature tuned on them (e.g. ESC-50 class names) suits the bridge to the
+adapter's domain, the very queries it needs the bridge least for. ``atae tune`` re-runs every step on
+any Clotho-format validation set (without a model, only the temperature).
 """
 
 from __future__ import annotations
@@ -89,13 +93,15 @@ def _queries(dataset, audio_table, text_table):
 
 
 def tune_on_dataset(dataset, audio_table, text_tower, *, model=None, text_table=None,
-                    scorer: str = "hybrid", k: int = 10) -> dict:
+                    scorer: str = "hybrid", k: int = 10, temperature: bool = True) -> dict:
     """Tune on a caption dataset whose audio features (with tags) are in ``audio_table``.
 
     ``text_tower``: the model's text tower (the bridge reads its last layer); ``text_table``: cached
     token sequences for the adapter (else ``text_tower`` encodes the captions). ``scorer="bridge"`` tunes
-    only the temperature (no model needed). Returns ``{EXTRA_BRIDGE_TEMPERATURE, [EXTRA_HYBRID_WEIGHT],
-    "temperature_curve", ["weight_curve"], "n_queries", "n_clips"}``."""
+    only the temperature (no model needed); ``temperature=False`` keeps the model's (or the default).
+    The hybrid's novelty gate is set to the least close validation query (``atae.scoring.Fusion``) when
+    the model holds its training captions. Returns ``{EXTRA_BRIDGE_TEMPERATURE, [EXTRA_HYBRID_WEIGHT,
+    EXTRA_HYBRID_GATE], "temperature_curve", ["weight_curve"], "n_queries", "n_clips"}``."""
     from atae.evaluate import encode_texts
 
     if scorer not in ("bridge", "hybrid"):
@@ -112,7 +118,8 @@ def tune_on_dataset(dataset, audio_table, text_tower, *, model=None, text_table=
     tb = br.TagBridge(text_tower)
     tags = tb.clip_tags([audio_table.tags(c) for c in cands])
     cos = tb.cosines(texts)
-    t_curve = temperature_curve(cos, rel, tags, k=k)  # cos is reused below
+    grid = br.TEMPERATURE_GRID if temperature else (br.bridge_temperature(model),)
+    t_curve = temperature_curve(cos, rel, tags, grid, k=k)  # cos is reused below
     temp = max(t_curve, key=lambda tm: tm[1])[0]
     out = {br.EXTRA_BRIDGE_TEMPERATURE: temp, "temperature_curve": t_curve,
            "n_queries": len(texts), "n_clips": len(cands)}
@@ -124,12 +131,16 @@ def tune_on_dataset(dataset, audio_table, text_tower, *, model=None, text_table=
         w_curve = hybrid_weight_curve(adapter, bridge_scores, rel, k=k)
         out[scoring.EXTRA_HYBRID_WEIGHT] = max(w_curve, key=lambda wm: wm[1])[0]
         out["weight_curve"] = w_curve
+        reference = getattr(model, "caption_reference", None)
+        if reference is not None and len(reference):
+            closeness = scoring.closeness(model.encode_text(seqs), reference)
+            out[scoring.EXTRA_HYBRID_GATE] = float(closeness.min())
     return out
 
 
 def store_tuned(model, tuned: dict, out_dir, *, data: str | None = None) -> None:
     """Write the tuned values into ``model.extras`` and re-save the model in ``out_dir``."""
-    for key in (br.EXTRA_BRIDGE_TEMPERATURE, scoring.EXTRA_HYBRID_WEIGHT):
+    for key in (br.EXTRA_BRIDGE_TEMPERATURE, scoring.EXTRA_HYBRID_WEIGHT, scoring.EXTRA_HYBRID_GATE):
         if key in tuned:
             model.extras[key] = float(tuned[key])
     best_t = dict(tuned["temperature_curve"]).get(tuned[br.EXTRA_BRIDGE_TEMPERATURE])
@@ -163,8 +174,10 @@ def tune_after_training(model, val_src, out_dir, *, text_tower=None) -> dict:
     try:
         if text_tower is None:
             text_tower = _text_tower_for(model.text_info)
-        tuned = tune_on_dataset(dataset, audio_table, text_tower, model=model, text_table=text_table)
+        tuned = tune_on_dataset(dataset, audio_table, text_tower, model=model, text_table=text_table,
+                                temperature=False)
     except Exception as e:  # noqa: BLE001 - tuning is an extra; the trained model is already saved
         return {"skipped": f"{type(e).__name__}: {e}"}
     store_tuned(model, tuned, out_dir, data=getattr(dataset, "name", None))
-    return {k: tuned[k] for k in (br.EXTRA_BRIDGE_TEMPERATURE, scoring.EXTRA_HYBRID_WEIGHT)}
+    return {k: tuned[k] for k in (br.EXTRA_BRIDGE_TEMPERATURE, scoring.EXTRA_HYBRID_WEIGHT,
+                                  scoring.EXTRA_HYBRID_GATE) if k in tuned}

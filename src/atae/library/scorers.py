@@ -129,8 +129,8 @@ class HybridScorer(BridgeScorer):
         tb = self.tag_bridge(library)
         sentences = tb.sentences([text])  # first: its text pass also fills the adapter tower's cache
         q = library.query_vector(text=text)
-        return library.search_state(), q, tb.distribution(sentences)[0], scoring.Fusion.of(model).weights(
-            sentences)[0]
+        weight = scoring.Fusion.of(model).weights(q[None])[0]
+        return library.search_state(), q, tb.distribution(sentences)[0], weight
 
     def score(self, library, text: str):
         """Every tagged segment's hybrid score (dense: ``atae.scoring.hybrid_scores`` over all of them)."""

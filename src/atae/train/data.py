@@ -1,6 +1,5 @@
 """Training and validation data as tensors: packed feature rows (no padding) and the pair index."""
 
-
 from __future__ import annotations
 
 import hashlib

@@ -1,6 +1,5 @@
 """Training recipes: the [train] settings and the one or two stages of a TOML recipe file."""
 
-
 from __future__ import annotations
 
 import tomllib

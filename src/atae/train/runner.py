@@ -1,6 +1,5 @@
 """Running a recipe: every stage, the saved model, tuning and the log; ``atae train`` from files."""
 
-
 from __future__ import annotations
 
 import json
@@ -9,17 +8,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from atae.errors import DataError, ModelError
 from atae.features import caption_key
 from atae.io import atomic_write_text
 from atae.losses import make_loss
 from atae.model import AlignedModel
-from atae.train.data import TrainData, ValData
+from atae.train.data import TrainData, ValData, embed_packed
 from atae.train.loop import StageResult, plot_learning_curve, seed_everything, train_stage
 from atae.train.recipe import Recipe, load_recipe, load_recipe_from
 
 LOG_NAME = "log.jsonl"
 CURVE_NAME = "learning_curve.png"
+MAX_REFERENCE = 20_000  # training captions kept for the hybrid's novelty gate (Clotho has 19,195)
 
 
 @dataclass
@@ -92,9 +94,10 @@ def run_recipe(recipe: Recipe | str, clean_train, clean_val, noisy, audio_table,
     if stage_epochs is not None and len(stage_epochs) != len(recipe.stages):
         raise ModelError(f"{len(stage_epochs)} epoch counts for the {len(recipe.stages)} stages of "
                          f"recipe {recipe.name!r}", fix="give one count per stage")
-    results = []
+    results, texts = [], []
     for i, stage in enumerate(recipe.stages):
         data = TrainData.build([sources[s] for s in stage.data])
+        texts.append(data.text)
         stage_cfg = cfg if stage_epochs is None else replace(cfg, max_epochs=int(stage_epochs[i]))
         res = train_stage(model, loss_fn, data, val, stage_cfg, out / "stages" / f"{i + 1}-{stage.name}",
                           stage_idx=i, stage_name=stage.name, resume=resume or restart, progress=progress,
@@ -111,6 +114,7 @@ def run_recipe(recipe: Recipe | str, clean_train, clean_val, noisy, audio_table,
         "val_fingerprint": None if val is None else val.fingerprint,
     }
     model.train_summary = summary
+    model.caption_reference = caption_reference(model, texts)
     model.save(out)
     from atae.tuning import tune_after_training
 
@@ -121,6 +125,17 @@ def run_recipe(recipe: Recipe | str, clean_train, clean_val, noisy, audio_table,
     except Exception as e:  # noqa: BLE001 - a missing plot must never lose a trained model
         summary["plot_error"] = str(e)
     return RunResult(model, out, results, summary)
+
+
+def caption_reference(model: AlignedModel, texts, cap: int = MAX_REFERENCE) -> np.ndarray:
+    """The distinct unit text-adapter embeddings of the captions the model was trained on (every stage),
+    at most ``cap`` of them (a seeded sample beyond): ``AlignedModel.caption_reference``, rounded to the
+    float16 it is saved as, so the gate tuned on it holds after a reload."""
+    emb = np.concatenate([embed_packed(model.text_adapter, t).numpy() for t in texts])
+    emb = np.unique(emb, axis=0)
+    if len(emb) > cap:
+        emb = emb[np.sort(np.random.default_rng(0).choice(len(emb), cap, replace=False))]
+    return emb.astype(np.float16).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------ command plumbing
