@@ -26,7 +26,7 @@ Protocols (nothing is ever tuned on the test fold unless a row says so):
   values of the 5 test folds are concatenated before the jackknife. Zero-shot rows: the bridge;
   "transferred": the ESC-50 (main protocol) adapters applied unchanged.
 * Bridge: the package defaults (temperature, label prompt, text layer -- chosen on ESC-50 folds 1-3 by
-  bench/bench_bridge.py), no tuning here. Hybrid: weight tuned on the validation fold only.
+  bench/bridge_study.py), no tuning here. Hybrid: weight tuned on the validation fold only.
 * ATAE-NP-F (self-tags): noisy pretraining pairs are the training clips' own top AudioSet tags (mn04 head)
   joined by spaces (atae.selftag), then fine-tuning on the clean captions; no test audio is used.
 * Seeds: every trained row runs with --seeds seeds. A cell reads "mean ± sd [lo, hi]": mean and sample sd

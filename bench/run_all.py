@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_train.py", "bench_towers.py", "bench_features.py", "bench_library.py", "bench_bridge.py",
+SCRIPTS = ["bench_train.py", "bench_towers.py", "bench_features.py", "bench_library.py",
            "bench_hybrid.py", "evidence.py"]
 
 

@@ -36,16 +36,35 @@ def default_cache() -> Path:
 
 
 def esc50(shared: Path) -> tuple[list[Path], list[str], list[int]]:
-    """(files, category names with "_" as space, folds) of ESC-50 folds 1-4 (16 kHz Ogg)."""
+    """(files, categories as in the metadata, folds) of ESC-50 folds 1-4 (16 kHz Ogg)."""
     files, cats, folds = [], [], []
     with open(shared / "data/esc50/meta/esc50.csv", newline="") as f:
         for row in csv.DictReader(f):
             p = shared / "data/esc50/audio_16k" / (Path(row["filename"]).stem + ".ogg")
             if p.exists():
                 files.append(p)
-                cats.append(row["category"].replace("_", " "))
+                cats.append(row["category"])
                 folds.append(int(row["fold"]))
     return files, cats, folds
+
+
+def humanise(category: str) -> str:
+    """An ESC-50 category as a query: "chirping_birds" -> "chirping birds"."""
+    return category.replace("_", " ")
+
+
+def fold_problem(cats: list[str], folds: list[int], fold: int):
+    """One fold's class-query problem: (file indices, sorted classes, relevant positions per class)."""
+    idx = [i for i, f in enumerate(folds) if f == fold]
+    classes = sorted({cats[i] for i in idx})
+    rel = [[j for j, i in enumerate(idx) if cats[i] == c] for c in classes]
+    return idx, classes, rel
+
+
+def make_text_tower(layer: int = -1):
+    from atae.towers.registry import get_text_tower
+
+    return get_text_tower("minilm", layer=layer)
 
 
 def audiocaps(shared: Path) -> tuple[list[Path], list[list[str]]]:
