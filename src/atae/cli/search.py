@@ -107,6 +107,12 @@ def search(
                 glob=glob,
                 scorer=scorer,
             )
+            untagged = lib.scorers()["untagged"] if scorer in ("bridge", "hybrid") else 0
+        if untagged:
+            click.secho(f"note: {untagged} segments have no AudioSet tags and are left out of {scorer} "
+                        "results (indexed by an older atae?); index the folder into a new --db to include "
+                        "them",
+                        fg="yellow", err=True)
         _print([r.to_dict() for r in results], as_json, paths_only)
         return
     if len(args) != 2 or not csv_path or not audio_dir:
