@@ -10,6 +10,7 @@ The library is real (``atae.library.Library``: SQLite + FAISS HNSW, the real Min
 * raw tower vectors (384-d, like mn04's): a fixed random linear map of the segment's sqrt-tags plus noise,
   so the model's audio vectors and the tags describe the same sounds, as a tower's embedding and its own
   tag head do; the model's adapters are untrained (random, seeded): timing does not depend on training.
+  The model carries a full-size caption reference for the hybrid's novelty gate, which every query passes.
 
 **End to end**: a new query text on every call (words drawn from sound captions, never repeated), through
 ``Library.search(text, k=10, scorer=...)``: the text tower, the scorer, the segment rows from SQLite.
@@ -84,7 +85,9 @@ def build(root: Path, n: int, rng):
     from atae.library import Library
     from atae.library.db import SegmentIn
     from atae.model import AlignedModel
+    from atae.scoring import EXTRA_HYBRID_GATE, EXTRA_HYBRID_WEIGHT
     from atae.towers.registry import get_text_tower
+    from atae.train.runner import MAX_REFERENCE
 
     src, captions, what = source_tags(rng)
     i, j = rng.integers(0, len(src), n), rng.integers(0, len(src), n)
@@ -100,6 +103,11 @@ def build(root: Path, n: int, rng):
     torch.manual_seed(0)
     model = AlignedModel(FixedTower().info, get_text_tower("minilm").info)
     model.eval()
+    # a trained model's fusion: a full caption reference for the novelty gate, which every query passes
+    # (the hybrid's whole path is timed)
+    ref = rng.standard_normal((MAX_REFERENCE, model.out_dim)).astype(np.float32)
+    model.caption_reference = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+    model.extras = {EXTRA_HYBRID_WEIGHT: 0.5, EXTRA_HYBRID_GATE: -1.0}
     raw = raw_of(tags).astype(np.float32)
     lib = Library.open(root, create=True, audio_tower=FixedTower(), model=model)
     t0 = time.perf_counter()
@@ -159,7 +167,7 @@ def recall_sweep(lib, model, src, captions, raw_of, n_q: int, seed: int) -> dict
     pick = rng.choice(len(texts), min(n_q, len(texts)), replace=False)
     lists = ((64, 256), (128, 256), (256, 256), (256, 512), (256, 1024), (512, 512), (512, 1024))
     out: dict = {"queries": int(len(pick)), "hybrid": {}, "bridge": {}}
-    w = float(Fusion.of(model).weights(np.zeros((1, 1)))[0])
+    w = Fusion.of(model).weight
     for case in ("agree", "independent"):
         rec = {m: {"r10": [], "r64": [], "ms": []} for m in lists}
         for qi in pick:
