@@ -342,8 +342,7 @@ def test_bridge_candidates_of_a_large_library(monkeypatch):
 def test_segments_without_tags_are_left_out_and_reported(tmp_path, sounds):
     """A library with some untagged segments (an older index): bridge and hybrid rank the tagged ones,
     say how many were left out, and the adapter still ranks every file."""
-    _lib(tmp_path / "lib", sounds, BandTower(), model=IdentityModel()).close()
-    lib = Library.open(tmp_path / "lib")
+    lib = _lib(tmp_path / "lib", sounds, BandTower(), model=IdentityModel())
     high = lib.db.conn.execute("SELECT s.id FROM segments s JOIN files f ON f.id = s.file_id "
                                "WHERE f.path LIKE '%high.wav'").fetchone()[0]
     with lib.db.transaction():
@@ -352,5 +351,10 @@ def test_segments_without_tags_are_left_out_and_reported(tmp_path, sounds):
     assert [r.path.endswith("high.wav") for r in lib.search("high", scorer="bridge", k=5)] == [False, False]
     assert len(lib.search("high", scorer="adapter", k=5)) == 3
     lib.close()
-    code, out = _cli("search", "--db", tmp_path / "lib", "high", "--scorer", "bridge")
+    _lib(tmp_path / "bare", sounds, BandTower()).close()  # no model: the CLI can open it
+    bare = Library.open(tmp_path / "bare")
+    with bare.db.transaction():
+        bare.db.conn.execute("UPDATE segments SET tags = NULL WHERE id = ?", (high,))
+    bare.close()
+    code, out = _cli("search", "--db", tmp_path / "bare", "high", "--scorer", "bridge")
     assert code == 0 and "1 segments have no AudioSet tags" in out and "high.wav" not in out
