@@ -9,6 +9,8 @@
 * each side's corpus mean and covariance, so the hybrid's per-query z-scores over all segments are closed
   form (mean = v . mu, variance = v' C v) although only candidates are scored.
 
+Memory: the two copies of the tag features take 4 kB a segment (420 MB at 100k segments).
+
 Search rules (the results of ``atae.scoring`` on the whole library, up to the candidate lists):
 
 * **bridge**: every segment scored when there are at most ``DENSE_LIMIT``; above, each segment gets a
@@ -63,9 +65,9 @@ class SearchState:
         return d @ self.by_label if pos is None else self.feats[pos] @ d
 
     def bridge_candidates(self, dist: np.ndarray, m: int) -> np.ndarray:
-        """Positions (ascending) of the m segments most likely to score best: every segment's exact score
-        up to ``DENSE_LIMIT`` segments, else a partial score from the ``BRIDGE_LABELS`` labels ``dist``
-        weighs most (ties at the m-th place are all kept)."""
+        """Positions (ascending) of the m segments most likely to score best: by every segment's exact score
+        up to ``DENSE_LIMIT`` segments (ties at the m-th place all kept), else by a partial score from the
+        ``BRIDGE_LABELS`` labels ``dist`` weighs most."""
         d = np.asarray(dist, np.float32)
         if len(self.ids) <= DENSE_LIMIT:
             return _top(self.bridge_at(None, d), m)
