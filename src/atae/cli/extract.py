@@ -19,9 +19,16 @@ import click
 @click.option("--text-weights", default=None, type=click.Path(), help="Explicit text weights.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1),
               help="Audio clips per committed batch (text uses max(this, 64)).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help='Where the audio tower runs: this process, or a Ray cluster '
+              '(pip install "atae[distributed]").')
+@click.option("--ray-address", default=None, help="A running Ray cluster (e.g. ray://host:10001 or auto); "
+              "default: a local one on this machine's CPUs.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1),
+              help="Tower actors with --engine ray.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars (TTY only).")
 def extract(csv_path, audio_dir, out, audio_encoder, audio_weights, text_encoder, text_weights, batch_size,
-            progress):
+            engine, ray_address, workers, progress):
     """Extract and cache audio and caption embeddings for one dataset (resumable: run it again)."""
     from atae.data import read_caption_csv
     from atae.features import ensure_dataset_features
@@ -38,7 +45,8 @@ def extract(csv_path, audio_dir, out, audio_encoder, audio_weights, text_encoder
     text_tower = get_text_tower(text_encoder, text_weights)
     click.echo(f"towers: audio {audio_tower.info.key()}  text {text_tower.info.key()}")
     audio, text, report = ensure_dataset_features(dataset, audio_tower, text_tower, out, progress=progress,
-                                                  batch_size=batch_size)
+                                                  batch_size=batch_size, engine=engine,
+                                                  ray_address=ray_address, workers=workers)
     click.echo(f"{dataset.name}: {len(dataset.clips)} clips, "
                f"{sum(len(c.captions) for c in dataset.clips)} captions -> {out}")
     click.echo(report.summary())

@@ -282,11 +282,14 @@ def extract_text(table_or_store, tower: TextTower, items: Sequence[tuple[str, st
 
 
 def ensure_dataset_features(dataset, audio_tower: AudioTower, text_tower: TextTower, feats_dir, *,
-                            progress: bool = True, batch_size: int | None = None, loader=None):
+                            progress: bool = True, batch_size: int | None = None, loader=None,
+                            engine: str = "local", ray_address: str | None = None, workers: int = 1):
     """Make sure every clip and caption of ``dataset`` is cached; returns (audio, text, report).
 
     Audio keys are clip keys; text keys are ``caption_key(clip.key, i)``. Idempotent: when everything
     is cached no tower runs (failed items are retried, which for unreadable audio costs a decode only).
+    ``engine="ray"``: the audio runs on a Ray cluster (``atae.features.distributed``; ``ray_address``,
+    ``workers`` tower actors); captions are cheap and stay here.
     """
     store = FeatureStore(feats_dir)
     audio_items = [(c.key, c.path) for c in dataset.clips]
@@ -294,7 +297,15 @@ def ensure_dataset_features(dataset, audio_tower: AudioTower, text_tower: TextTo
     a_kw = {"batch_size": batch_size} if batch_size else {}
     t_kw = {"batch_size": max(batch_size, 64)} if batch_size else {}
     audio_table = store.audio_table(audio_tower.info)
-    ra = extract_audio(audio_table, audio_tower, audio_items, progress=progress, loader=loader, **a_kw)
+    if engine == "ray":
+        from atae.features.distributed import extract_audio_ray
+
+        ra = extract_audio_ray(audio_table, audio_tower, audio_items, address=ray_address,
+                               concurrency=workers, loader=loader, **a_kw)
+    elif engine == "local":
+        ra = extract_audio(audio_table, audio_tower, audio_items, progress=progress, loader=loader, **a_kw)
+    else:
+        raise DataError(f"unknown engine {engine!r}", fix="use --engine local or ray")
     text_table = store.text_table(text_tower.info)
     rt = extract_text(text_table, text_tower, text_items, progress=progress, **t_kw)
     report = ra + rt
