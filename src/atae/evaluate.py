@@ -188,21 +188,22 @@ def evaluate_queries(model: AlignedModel, queries, audio_table, text_tower,
 
 
 # -------------------------------------------------------------------------------- command plumbing
-def towers_for_model(model: AlignedModel, *, audio_weights=None, text_weights=None, need_text: bool = True):
+def towers_for_model(model: AlignedModel, *, audio_weights=None, text_weights=None, need_text: bool = True,
+                     device: str = "cpu"):
     """Rebuild the towers named in a model's config (weights: explicit path, else the registry's
-    resolution) and check they produce the same numbers the model was trained on."""
+    resolution) on ``device`` and check they produce the same numbers the model was trained on."""
     from atae.towers.registry import TEXT_TOWERS, get_audio_tower, get_text_tower
 
     ai, ti = model.audio_info, model.text_info
     a_opts = {k: ai.options[k] for k in ("window_s", "hop_s") if k in ai.options}
-    audio = get_audio_tower(ai.name, audio_weights, **a_opts)
+    audio = get_audio_tower(ai.name, audio_weights, device=device, **a_opts)
     text = None
     if need_text:
         t_opts = {k: ti.options[k] for k in ("layer", "max_length") if k in ti.options}
         if ti.name in TEXT_TOWERS:
-            text = get_text_tower(ti.name, text_weights, **t_opts)
+            text = get_text_tower(ti.name, text_weights, device=device, **t_opts)
         elif text_weights is not None:
-            text = get_text_tower(str(text_weights), **t_opts)
+            text = get_text_tower(str(text_weights), device=device, **t_opts)
         else:
             raise ModelError(f"the model's text encoder {ti.name!r} is a local model folder",
                              fix="pass --text-weights DIR (the folder it was trained with)")
@@ -250,23 +251,25 @@ def scores_for(scorer: str, *, candidates: Sequence[str], texts: Sequence[str], 
 def evaluate_run(run_dir=None, *, audio_dir, json_out=None, csv=None, queries=None, submission=None,
                  feats=None, scorer: str = "adapter", audio_encoder: str | None = None, audio_weights=None,
                  text_encoder: str | None = None, text_weights=None, temperature: float | None = None,
-                 progress: bool = True) -> EvalResult:
+                 progress: bool = True, device: str = "auto") -> EvalResult:
     """``atae evaluate``: load a trained run (or, for ``scorer="bridge"``, just the towers), extract the
     dataset's features (cached, resumable) and evaluate.
 
     ``csv``: a Clotho-format caption file (DCASE 2022 mode). ``queries``: a DCASE 2025 query file; the
     candidates are all audio files under ``audio_dir``. Features go to ``feats`` (default RUN/features,
-    or ./atae-features without a RUN).
+    or ./atae-features without a RUN). Towers and adapters run on ``device`` (``atae.device``).
     """
+    from atae.device import resolve_device
     from atae.features import ensure_dataset_features
 
+    dev = str(resolve_device(device))  # first: a device that is not there fails before any work
     if (csv is None) == (queries is None):
         raise DataError("give exactly one of --csv (captions) or --queries (DCASE 2025 query file)")
     if scorer not in SCORERS:
         raise DataError(f"unknown scorer {scorer!r}", fix=f"use one of {', '.join(SCORERS)}")
     model = None
     if run_dir is not None:
-        model = AlignedModel.load(run_dir)
+        model = AlignedModel.load(run_dir).to(dev)
     elif scorer != "bridge":
         raise ModelError(f"the {scorer!r} scorer needs a trained model folder (RUN)",
                          fix="pass RUN, or use --scorer bridge with --audio-encoder (zero-shot)")
@@ -276,15 +279,15 @@ def evaluate_run(run_dir=None, *, audio_dir, json_out=None, csv=None, queries=No
                              f"not {audio_encoder!r}", path=run_dir,
                              fix="leave out --audio-encoder: the model's config names its towers")
         audio_tower, text_tower = towers_for_model(model, audio_weights=audio_weights,
-                                                   text_weights=text_weights)
+                                                   text_weights=text_weights, device=dev)
     else:
         from atae.towers.registry import default_towers, get_audio_tower, get_text_tower
 
         if audio_encoder is None:
             raise DataError("--scorer bridge without a RUN needs --audio-encoder (a tower with an AudioSet "
                             "head)", fix="e.g. --audio-encoder efficientat-mn04 --audio-weights W")
-        audio_tower = get_audio_tower(audio_encoder, audio_weights)
-        text_tower = get_text_tower(text_encoder or default_towers()[1], text_weights)
+        audio_tower = get_audio_tower(audio_encoder, audio_weights, device=dev)
+        text_tower = get_text_tower(text_encoder or default_towers()[1], text_weights, device=dev)
     if scorer in ("bridge", "hybrid"):
         from atae.bridge import require_tag_head
 

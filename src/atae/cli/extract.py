@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from atae.cli.options import device_option
+
 
 @click.command()
 @click.option("--csv", "csv_path", required=True, type=click.Path(dir_okay=False),
@@ -17,8 +19,9 @@ import click
 @click.option("--text-encoder", default=None, help="Text tower name or local Hugging Face model folder "
               "(default: distilroberta-base with the seed pair, else minilm).")
 @click.option("--text-weights", default=None, type=click.Path(), help="Explicit text weights.")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1),
-              help="Audio clips per committed batch (text uses max(this, 64)).")
+@click.option("--batch-size", default=None, type=click.IntRange(1),
+              help="Audio clips per committed batch (default 16 on a CPU, 64 on a GPU; text uses max(this, "
+              "64)).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help='Where the audio tower runs: this process, or a Ray cluster '
               '(pip install "atae[distributed]").')
@@ -26,14 +29,17 @@ import click
               "default: a local one on this machine's CPUs.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1),
               help="Tower actors with --engine ray.")
+@device_option
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars (TTY only).")
 def extract(csv_path, audio_dir, out, audio_encoder, audio_weights, text_encoder, text_weights, batch_size,
-            engine, ray_address, workers, progress):
+            engine, ray_address, workers, device, progress):
     """Extract and cache audio and caption embeddings for one dataset (resumable: run it again)."""
     from atae.data import read_caption_csv
+    from atae.device import default_batch, resolve_device
     from atae.features import ensure_dataset_features
     from atae.towers.registry import default_towers, get_audio_tower, get_text_tower
 
+    dev = resolve_device(device)  # first: a device that is not there fails before any work
     dataset = read_caption_csv(csv_path, audio_dir)
     for p in dataset.problems:
         click.secho(f"warning: {p}", fg="yellow", err=True)
@@ -41,9 +47,10 @@ def extract(csv_path, audio_dir, out, audio_encoder, audio_weights, text_encoder
         default_audio, default_text = default_towers()
         audio_encoder = audio_encoder or default_audio
         text_encoder = text_encoder or default_text
-    audio_tower = get_audio_tower(audio_encoder, audio_weights)
-    text_tower = get_text_tower(text_encoder, text_weights)
-    click.echo(f"towers: audio {audio_tower.info.key()}  text {text_tower.info.key()}")
+    audio_tower = get_audio_tower(audio_encoder, audio_weights, device=str(dev))
+    text_tower = get_text_tower(text_encoder, text_weights, device=str(dev))
+    click.echo(f"towers: audio {audio_tower.info.key()}  text {text_tower.info.key()}  on {dev}")
+    batch_size = batch_size or default_batch(dev, 16, 64)
     audio, text, report = ensure_dataset_features(dataset, audio_tower, text_tower, out, progress=progress,
                                                   batch_size=batch_size, engine=engine,
                                                   ray_address=ray_address, workers=workers)

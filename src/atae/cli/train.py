@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import click
 
+from atae.cli.options import device_option
+
 
 @click.command()
 @click.option("--recipe", required=True, help="atae | atae-et | atae-ep-f | atae-np-f | atae-infonce, "
@@ -31,9 +33,11 @@ import click
 @click.option("--loss", default=None, type=click.Choice(["seed", "infonce"]),
               help="Override the recipe's loss.")
 @click.option("--restart", is_flag=True, help="Discard an earlier run in --out instead of resuming it.")
+@device_option
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars (TTY only).")
 def train(recipe, train_csv, train_audio, val_csv, val_audio, noisy_json, noisy_audio, out, audio_encoder,
-          audio_weights, text_encoder, text_weights, feats, seed, max_epochs, loss, restart, progress):
+          audio_weights, text_encoder, text_weights, feats, seed, max_epochs, loss, restart, device,
+          progress):
     """Train the adapters with a recipe (features are extracted and cached on the way)."""
     from atae.train import train_from_files
 
@@ -41,7 +45,7 @@ def train(recipe, train_csv, train_audio, val_csv, val_audio, noisy_json, noisy_
                      val_audio=val_audio, out=out, noisy_json=noisy_json, noisy_audio=noisy_audio,
                      audio_encoder=audio_encoder, audio_weights=audio_weights, text_encoder=text_encoder,
                      text_weights=text_weights, feats=feats, seed=seed, max_epochs=max_epochs, loss=loss,
-                     restart=restart, progress=progress, echo=click.echo)
+                     restart=restart, progress=progress, echo=click.echo, device=device)
 
 
 @click.command()
@@ -69,16 +73,17 @@ def train(recipe, train_csv, train_audio, val_csv, val_audio, noisy_json, noisy_
 @click.option("--text-weights", default=None, type=click.Path(), help="Weights of the text tower.")
 @click.option("--temperature", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Bridge softmax temperature (default: the model's tuned value, else the bridge default).")
+@device_option
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars (TTY only).")
 def evaluate(run, csv_path, queries, audio_dir, json_out, submission, scorer, feats, audio_encoder,
-             audio_weights, text_encoder, text_weights, temperature, progress):
+             audio_weights, text_encoder, text_weights, temperature, device, progress):
     """Evaluate RUN (or a zero-shot scorer) on a caption CSV (DCASE 2022) or a query file (DCASE 2025)."""
     from atae.evaluate import evaluate_run, format_metrics
 
     res = evaluate_run(run, audio_dir=audio_dir, json_out=json_out, csv=csv_path, queries=queries,
                        submission=submission, feats=feats, scorer=scorer, audio_encoder=audio_encoder,
                        audio_weights=audio_weights, text_encoder=text_encoder, text_weights=text_weights,
-                       temperature=temperature, progress=progress)
+                       temperature=temperature, progress=progress, device=device)
     for p in res.problems[:20]:
         click.secho(f"warning: {p}", fg="yellow", err=True)
     if len(res.problems) > 20:

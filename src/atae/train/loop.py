@@ -116,8 +116,10 @@ def train_stage(model: AlignedModel, loss_fn: torch.nn.Module, train: TrainData,
     on train + validation data for an epoch count chosen earlier; the log's val_mAP@10 is NaN).
 
     ``on_epoch(record)`` runs after each epoch's checkpoint is on disk (an exception there interrupts
-    training exactly like a crash would; the run resumes from that checkpoint).
+    training exactly like a crash would; the run resumes from that checkpoint). Batches are gathered on
+    the CPU and moved to the model's device.
     """
+    device = next(model.parameters()).device
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = stage_dir / CHECKPOINT_NAME
@@ -156,9 +158,9 @@ def train_stage(model: AlignedModel, loss_fn: torch.nn.Module, train: TrainData,
             total, steps = 0.0, 0
             for b in range(0, n, cfg.batch_size):
                 idx = order[b:b + cfg.batch_size]
-                ea = model.audio_adapter.forward_packed(*train.audio.gather(train.a_idx[idx]))
-                et = model.text_adapter.forward_packed(*train.text.gather(train.t_idx[idx]))
-                loss = loss_fn(ea, et, train.labels[idx])
+                ea = model.audio_adapter.forward_packed(*_on(train.audio.gather(train.a_idx[idx]), device))
+                et = model.text_adapter.forward_packed(*_on(train.text.gather(train.t_idx[idx]), device))
+                loss = loss_fn(ea, et, train.labels[idx].to(device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -210,6 +212,12 @@ def train_stage(model: AlignedModel, loss_fn: torch.nn.Module, train: TrainData,
     model.eval()
     return StageResult(stage_name, st["best_score"], st["best_epoch"], st["epoch"], n, st["history"],
                        st["stopped"])
+
+
+def _on(gathered: tuple, device: torch.device) -> tuple:
+    """A packed batch (rows, segment ids, count, rows per item) on ``device``."""
+    rows, seg, n, counts = gathered
+    return rows.to(device), seg.to(device), n, counts.to(device)
 
 
 def _jsonable(obj):

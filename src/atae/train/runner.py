@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from atae.device import resolve_device
 from atae.errors import DataError, ModelError
 from atae.features import caption_key
 from atae.io import atomic_write_text
@@ -47,7 +48,7 @@ def _as_source(x, audio_table, text_table):
 def run_recipe(recipe: Recipe | str, clean_train, clean_val, noisy, audio_table, text_table, out_dir, *,
                resume: bool = True, restart: bool = False, progress: bool = False,
                on_epoch: Callable[[dict], None] | None = None, text_tower=None,
-               stage_epochs: Sequence[int] | None = None, **overrides) -> RunResult:
+               stage_epochs: Sequence[int] | None = None, device: str = "cpu", **overrides) -> RunResult:
     """Run every stage of a recipe and save the final model (best weights of the last stage) in
     ``out_dir``. ``clean_train``/``clean_val``/``noisy`` are CaptionDatasets (or (dataset, audio_table,
     text_table) triples when a source lives in other tables); ``noisy`` may be None for the ``atae`` recipe.
@@ -56,8 +57,9 @@ def run_recipe(recipe: Recipe | str, clean_train, clean_val, noisy, audio_table,
     ``stage_epochs`` gives each stage its own ``max_epochs`` (a refit for counts chosen earlier).
     Running the same call again resumes from the last checkpoint (``resume``); ``restart=True`` discards
     an earlier run in ``out_dir`` first. ``overrides`` replace TrainConfig fields (seed, max_epochs, loss).
-    With a tagging audio tower the bridge temperature and hybrid weight are then tuned on ``clean_val``
-    and stored in the model's extras (``atae.tuning``; ``text_tower``: the tower the text table came from).
+    ``device``: where the adapters train (``atae.device``; batches are gathered on the CPU). With a
+    tagging audio tower the hybrid's weight and gate are then tuned on ``clean_val`` and stored in the
+    model's extras (``atae.tuning``; ``text_tower``: the tower the text table came from).
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, **overrides)
@@ -85,8 +87,9 @@ def run_recipe(recipe: Recipe | str, clean_train, clean_val, noisy, audio_table,
     audio_info, text_info = audio_table.info, text_table.info
 
     seed_everything(cfg.seed)
-    model = AlignedModel(audio_info, text_info, hidden=cfg.hidden, out_dim=cfg.out_dim)
-    loss_fn = make_loss(cfg.loss, **cfg.loss_params)
+    dev = resolve_device(device)
+    model = AlignedModel(audio_info, text_info, hidden=cfg.hidden, out_dim=cfg.out_dim).to(dev)
+    loss_fn = make_loss(cfg.loss, **cfg.loss_params).to(dev)
     histories: dict[int, list[dict]] = {}
 
     def write_log(i: int, hist: list[dict]) -> None:
@@ -146,7 +149,8 @@ def train_from_files(recipe: str | Path, *, train_csv, train_audio, val_csv, val
                      noisy_json=None, noisy_audio=None, audio_encoder: str | None = None, audio_weights=None,
                      text_encoder: str | None = None, text_weights=None, feats=None, seed: int | None = None,
                      max_epochs: int | None = None, loss: str | None = None, restart: bool = False,
-                     progress: bool = True, echo: Callable[[str], None] = print) -> RunResult:
+                     progress: bool = True, echo: Callable[[str], None] = print,
+                     device: str = "auto") -> RunResult:
     """``atae train``: read the datasets, build the towers, extract (cached, resumable) and run a recipe.
 
     Noisy pairs: ``noisy_json`` + ``noisy_audio`` read FSD50K's clip-info JSON (half of the clips, the
@@ -157,6 +161,7 @@ def train_from_files(recipe: str | Path, *, train_csv, train_audio, val_csv, val
     from atae.features import ensure_dataset_features
     from atae.towers.registry import default_towers, get_audio_tower, get_text_tower
 
+    dev = resolve_device(device)  # first: a device that is not there fails before any work
     rec = load_recipe(recipe, seed=seed, max_epochs=max_epochs, loss=loss)
     if rec.needs_noisy and noisy_audio is None:
         raise DataError(f"recipe {rec.name!r} needs noisy pairs",
@@ -174,10 +179,10 @@ def train_from_files(recipe: str | Path, *, train_csv, train_audio, val_csv, val
     if audio_encoder is None or text_encoder is None:
         da, dt = default_towers()
         audio_encoder, text_encoder = audio_encoder or da, text_encoder or dt
-    audio_tower = get_audio_tower(audio_encoder, audio_weights)
-    text_tower = get_text_tower(text_encoder, text_weights)
+    audio_tower = get_audio_tower(audio_encoder, audio_weights, device=str(dev))
+    text_tower = get_text_tower(text_encoder, text_weights, device=str(dev))
     echo(f"towers: audio {audio_tower.info.name} ({audio_tower.info.key()}), "
-         f"text {text_tower.info.name} ({text_tower.info.key()})")
+         f"text {text_tower.info.name} ({text_tower.info.key()}) on {dev}")
     atab = ttab = None
     for ds in (clean, val):
         atab, ttab, report = ensure_dataset_features(ds, audio_tower, text_tower, feats, progress=progress)
@@ -203,7 +208,7 @@ def train_from_files(recipe: str | Path, *, train_csv, train_audio, val_csv, val
     elif noisy_audio is not None:
         echo(f"note: recipe {rec.name!r} has no noisy stage; --noisy-* ignored")
     result = run_recipe(rec, clean, val, noisy, atab, ttab, out, restart=restart, progress=progress,
-                        text_tower=text_tower)
+                        text_tower=text_tower, device=str(dev))
     for st in result.stages:
         echo(f"stage {st.name}: {st.n_pairs} pairs, {st.epochs_run} epochs, best val mAP@10 "
              f"{st.best_score:.4f} at epoch {st.best_epoch} ({st.stopped})")
