@@ -112,7 +112,16 @@ def test_closeness_and_the_novelty_gate_by_hand():
     threshold = float(np.median(by_hand))
     f = scoring.Fusion(0.8, threshold, ref)
     assert f.gated
-    assert list(f.weights(q)) == [0.8 if s >= threshold else 0.0 for s in by_hand]
+    width = scoring.GATE_WIDTH
+
+    def ramp(s):  # full weight at the threshold and above, none at threshold - width and below
+        if s >= threshold:
+            return 0.8
+        return 0.0 if s <= threshold - width else 0.8 * (s - threshold + width) / width
+
+    np.testing.assert_allclose(f.weights(q), [ramp(s) for s in by_hand], atol=1e-6)
+    near = scoring.Fusion(0.8, float(by_hand[0]) + width / 2, ref).weights(q[:1])
+    np.testing.assert_allclose(near, [0.4], atol=1e-4)  # halfway up the ramp
     # without a reference or a threshold (an older model): the weight for every query
     assert list(scoring.Fusion(0.8, threshold, None).weights(q)) == [0.8] * 4
     assert list(scoring.Fusion(0.8, None, ref).weights(q)) == [0.8] * 4
@@ -126,5 +135,5 @@ def test_closeness_and_the_novelty_gate_by_hand():
     a, b = rng.standard_normal((4, 7)), rng.random((4, 7))
     got = scoring.hybrid_scores(a, b, f.weights(q))
     for i, s in enumerate(by_hand):
-        if s < threshold:
+        if s <= threshold - width:
             np.testing.assert_allclose(got[i], zscore_by_hand(list(b[i])), atol=1e-6)

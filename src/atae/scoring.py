@@ -21,6 +21,9 @@ from atae.errors import AtaeError, ModelError
 SCORERS = ("adapter", "bridge", "hybrid")
 EXTRA_HYBRID_WEIGHT = "hybrid_weight"  # keys in AlignedModel.extras, written by atae.tuning
 EXTRA_HYBRID_GATE = "hybrid_gate"
+# the gate opens over this much closeness below its threshold (linearly): on the fusion study's DEV
+# protocols 0.005 is as good as a hard step, and it absorbs the float16 rounding of a stored reference
+GATE_WIDTH = 0.005
 DEFAULT_HYBRID_WEIGHT = 0.5
 
 
@@ -97,7 +100,8 @@ class Fusion:
     A *novelty gate* keeps it for queries like those the adapters learned from and drops it to 0 (the
     bridge alone) for the others: a query's closeness is the mean of its 5 highest cosines with the
     training captions in the text adapter's output space (``AlignedModel.caption_reference``), and a query
-    less close than every validation query was (``threshold``, ``EXTRA_HYBRID_GATE``) is out of domain.
+    less close than every validation query was (``threshold``, ``EXTRA_HYBRID_GATE``) is out of domain
+    (over the last ``GATE_WIDTH`` below the threshold the weight falls linearly).
     Why: a weight tuned on in-domain validation trusts the adapter, which fails on unlike queries; chosen
     on dev data over shrinkage, log-space fusion, rank fusion and soft ramps (``bench/fusion_study.py``).
     A model without a reference or threshold (older, or trained elsewhere) uses the weight for every query.
@@ -125,5 +129,5 @@ class Fusion:
         """(Q,) adapter weight of each query from its unit text-adapter embedding (Q, D)."""
         if not self.gated:
             return np.full(len(text_vectors), self.weight)
-        inside = closeness(text_vectors, self.reference) >= self.threshold
-        return np.where(inside, self.weight, 0.0)
+        s = closeness(text_vectors, self.reference)
+        return self.weight * np.clip((s - (self.threshold - GATE_WIDTH)) / GATE_WIDTH, 0.0, 1.0)
