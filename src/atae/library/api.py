@@ -130,7 +130,8 @@ class Library:
         ``model``: a trained model directory (or an ``AlignedModel``-like object): the library's vectors
         become its audio embeddings (re-embedded from the stored raw vectors if it changed).
         ``audio_encoder``/``audio_weights``/``audio_tower``: the tower for new libraries (default: the
-        model's tower, else ``default_towers()``'s); an existing library must keep its tower.
+        model's tower with the weights it was trained on, else ``best_audio_tower()``); an existing library
+        must keep its tower.
         """
         root = Path(path).expanduser()
         exists = (root / "library.sqlite").exists()
@@ -183,15 +184,16 @@ class Library:
 
     def _init_settings(self, audio_encoder, audio_weights, model, window_s, hop_s, long_s, index) -> None:
         if self._audio_tower is None:
-            from atae.towers.registry import get_audio_tower
+            from atae.towers.registry import best_audio_tower, get_audio_tower
 
             name = audio_encoder or (model.audio_info.name if model is not None else None)
-            if name is None:
-                from atae.towers.registry import default_towers
+            if model is not None and name == model.audio_info.name:
+                from atae.towers.trained_with import weights_for
 
-                dt = default_towers()
-                name = dt[0] if isinstance(dt[0], str) else dt[0].name
-            self._audio_tower = get_audio_tower(name, weights=audio_weights)
+                remembered = (getattr(model, "weights_files", None) or {}).get("audio")
+                audio_weights = weights_for(model.audio_info, explicit=audio_weights, remembered=remembered)
+            self._audio_tower = get_audio_tower(name or best_audio_tower(), weights=audio_weights)
+            audio_weights = getattr(self._audio_tower, "weights_path", None) or audio_weights
         info = self._audio_tower.info
         settings = {
             "long_s": long_s or _indexer.LONG_S,
@@ -249,9 +251,11 @@ class Library:
     def audio_tower(self):
         if self._audio_tower is None:
             from atae.towers.registry import get_audio_tower
+            from atae.towers.trained_with import weights_for
 
             info = self.stored_tower_info
-            self._audio_tower = get_audio_tower(info.name, weights=self.db.get_meta("audio_weights") or None)
+            found = weights_for(info, remembered=self.db.get_meta("audio_weights") or None)
+            self._audio_tower = get_audio_tower(info.name, weights=found)
         if not _same_tower(self._audio_tower.info, self.stored_tower_info):
             raise LibraryError(
                 f"the audio tower {self._audio_tower.info.name} "
@@ -325,8 +329,10 @@ class Library:
             if m is None:
                 return None
             from atae.towers.registry import get_text_tower
+            from atae.towers.trained_with import weights_for
 
-            self._text_tower = get_text_tower(m.text_info.name)
+            found = weights_for(m.text_info, remembered=(getattr(m, "weights_files", None) or {}).get("text"))
+            self._text_tower = get_text_tower(m.text_info.name, found)
             if not _same_tower(self._text_tower.info, m.text_info):
                 raise ModelError(
                     f"the text tower {m.text_info.name} found here is not the one the model was trained with",
