@@ -43,10 +43,13 @@ class SearchResult:
     end_s: float
     file_id: int
     segment_id: int
+    tags: list[dict] | None = None  # the segment's top AudioSet tags, "matched" = carried the query
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["score"] = round(float(self.score), 6)
+        d["file_name"], d["folder"] = os.path.basename(self.path), os.path.dirname(self.path)
+        d["missing"] = not os.path.isfile(self.path)  # deleted or moved since it was indexed
         return d
 
 
@@ -668,3 +671,29 @@ class Library:
                 vi = self.index if self.model_version and len(ids) else None
                 self._state = (key, SearchState(ids, tags, vi, vi.rows_of(ids) if vi is not None else None))
             return self._state[1]
+
+    # --- result details: why a result matched, more like this (explain.py, similar.py) ---------------
+    def explain(self, results: list[SearchResult], *, text: str | None = None) -> list[SearchResult]:
+        """Fill each result's ``tags``: the segment's top AudioSet tags, with those that carried the text
+        query marked ``matched`` (no text: nothing marked). A no-op when the tower has no AudioSet head."""
+        from atae.library import explain
+
+        with self._lock:
+            dist = explain.text_distribution(self, clean_query(text)) if text is not None else None
+            explain.attach(self, results, dist)
+        return results
+
+    def similar(self, segment_ids, *, k: int = 10, **filters) -> list[SearchResult]:
+        """More like this: the k files nearest the given segments (their own file left out); no model or
+        audio decoding needed; ``filters``: ``min_duration``, ``max_duration``, ``glob`` as in ``search``.
+        See ``atae.library.similar``."""
+        from atae.library.similar import similar
+
+        ids = [segment_ids] if isinstance(segment_ids, (int, np.integer)) else segment_ids
+        return similar(self, ids, k=k, **filters)
+
+    def segments_at(self, path: str | Path, seconds: float | None = None) -> list[int]:
+        """The segment ids of an indexed file (at ``seconds``: the one nearest that time)."""
+        from atae.library.similar import segments_at
+
+        return segments_at(self, str(path), seconds)

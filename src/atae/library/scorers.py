@@ -61,6 +61,14 @@ def preferred(names) -> str | None:
     return next((n for n in ("adapter", "bridge") if n in names), None)
 
 
+def best(names, untagged: int = 0) -> str | None:
+    """The strongest of the available scorer names, the default of the web page and of `atae search`:
+    ``hybrid`` (the trained model where it is sure, the tags elsewhere), else ``adapter``, else ``bridge``.
+    With ``untagged`` segments (left out of bridge and hybrid results) a trained model searches alone."""
+    order = ("adapter", "hybrid", "bridge") if untagged else ("hybrid", "adapter", "bridge")
+    return next((n for n in order if n in names), None)
+
+
 def default_scorer(library) -> str:
     """``adapter`` with a trained model, else ``bridge`` if the tower has an AudioSet head, else an error."""
     name = preferred(available(library))
