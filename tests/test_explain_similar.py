@@ -23,16 +23,21 @@ def test_explain_marks_the_labels_that_carry_the_score():
 
     names = audioset_labels()
     tags = np.zeros(527)
-    tags[[0, 3, 10, 20, 30, 40, 50]] = [0.9, 0.5, 0.01, 0.8, 0.7, 0.6, 0.55]
+    tags[[0, 3, 10, 20, 30, 40, 50]] = [0.9, 0.5, 0.2, 0.8, 0.7, 0.6, 0.55]
     dist = np.zeros(527)
-    dist[[3, 10]] = [0.6, 0.4]
-    # contributions p * sqrt(t): label 3 0.6 * 0.707 = 0.424, label 10 0.4 * 0.1 = 0.04 (8.6 % of the score)
+    dist[[3, 10]] = [0.9, 0.1]
+    # contributions p * sqrt(t): label 3 0.9 * 0.707 = 0.636, label 10 0.1 * 0.447 = 0.045 (6.6 % of the score)
     shown = explain(dist, tags)
     assert [t["label"] for t in shown] == [names[i] for i in (0, 20, 30, 40, 50, 3)]
     assert [t["label"] for t in shown if t["matched"]] == [names[3]]  # outside the top 5, still shown
     assert shown[0]["prob"] == pytest.approx(0.9)
-    dist[[3, 10]] = [0.2, 0.8]  # now label 10: 0.08 of 0.221 = 36 %; label 3: 0.141 = 64 %
-    assert {t["label"] for t in explain(dist, tags) if t["matched"]} == {names[3], names[10]}
+    dist[[3, 10]] = [0.5, 0.5]  # label 3: 0.354 (61 %), label 10: 0.224 (39 %)
+    shown = explain(dist, tags)
+    assert [t["label"] for t in shown if t["matched"]] == [names[3], names[10]]
+    tags[10] = 0.05  # all of the score, but a sound barely tagged with it: no false reason
+    dist[:] = 0
+    dist[10] = 1.0
+    assert not any(t["matched"] for t in explain(dist, tags))
     assert not any(t["matched"] for t in explain(None, tags))  # an upload: tags shown, nothing marked
 
 

@@ -3,7 +3,8 @@
 A segment's zero-shot score is ``p . sqrt(t)`` (``atae.bridge``): label l contributes ``p_l * sqrt(t_l)``,
 where p is the query's label distribution and t the segment's tag probabilities. The labels with the
 largest contributions are what the query found in the sound, so they are the honest answer to "why
-this one?". The same reading serves every scorer (the trained model's cosine has no per-label parts, but
+this one?"; a label the sound barely has (below ``MIN_PROB``) is never marked, so a weak result shows
+no reason rather than a false one. The same reading serves every scorer (the trained model's cosine has no per-label parts, but
 the tags that match the query are still what a listener checks), and an example sound (``more like
 this``) uses its own tags as p, which marks the tags the two sounds share.
 
@@ -17,6 +18,7 @@ import numpy as np
 
 TOP_TAGS = 5
 CARRY_SHARE = 0.15  # a label carries a match when it brings at least this share of the score
+MIN_PROB = 0.1  # ... and the sound is tagged with it at least this surely (self-tagging's threshold)
 MAX_CARRIED = 3
 
 
@@ -32,7 +34,7 @@ def explain(dist: np.ndarray | None, tags: np.ndarray, n: int = TOP_TAGS) -> lis
         total = float(contrib.sum())
         if total > 0:
             best = np.argsort(-contrib, kind="stable")[:MAX_CARRIED]
-            carried = [int(i) for i in best if contrib[i] >= CARRY_SHARE * total]
+            carried = [int(i) for i in best if contrib[i] >= CARRY_SHARE * total and t[i] >= MIN_PROB]
     top = [int(i) for i in np.argsort(-t, kind="stable")[:n]]
     shown = top + [i for i in carried if i not in top]
     labels = audioset_labels()
