@@ -26,7 +26,7 @@ def test_explain_marks_the_labels_that_carry_the_score():
     tags[[0, 3, 10, 20, 30, 40, 50]] = [0.9, 0.5, 0.2, 0.8, 0.7, 0.6, 0.55]
     dist = np.zeros(527)
     dist[[3, 10]] = [0.9, 0.1]
-    # contributions p * sqrt(t): label 3 0.9 * 0.707 = 0.636, label 10 0.1 * 0.447 = 0.045 (6.6 % of the score)
+    # contributions p * sqrt(t): label 3 0.9 * 0.707 = 0.636, label 10 0.1 * 0.447 = 0.045 (6.6 %)
     shown = explain(dist, tags)
     assert [t["label"] for t in shown] == [names[i] for i in (0, 20, 30, 40, 50, 3)]
     assert [t["label"] for t in shown if t["matched"]] == [names[3]]  # outside the top 5, still shown

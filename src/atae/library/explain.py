@@ -4,9 +4,9 @@ A segment's zero-shot score is ``p . sqrt(t)`` (``atae.bridge``): label l contri
 where p is the query's label distribution and t the segment's tag probabilities. The labels with the
 largest contributions are what the query found in the sound, so they are the honest answer to "why
 this one?"; a label the sound barely has (below ``MIN_PROB``) is never marked, so a weak result shows
-no reason rather than a false one. The same reading serves every scorer (the trained model's cosine has no per-label parts, but
-the tags that match the query are still what a listener checks), and an example sound (``more like
-this``) uses its own tags as p, which marks the tags the two sounds share.
+no reason rather than a false one. The same reading serves every scorer (the trained model's cosine
+has no per-label parts, but the tags that match the query are still what a listener checks), and an
+example sound (``more like this``) uses its own tags as p, which marks the tags the two sounds share.
 
 Shown per result: the ``TOP_TAGS`` most probable tags, plus any carrying label outside them (so the
 reason is always visible), each as ``{"label", "prob", "matched"}``.
