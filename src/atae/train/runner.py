@@ -164,7 +164,7 @@ def train_from_files(recipe: str | Path, *, train_csv, train_audio, val_csv, val
 
     Noisy pairs: ``noisy_json`` + ``noisy_audio`` read FSD50K's clip-info JSON (half of the clips, the
     seed's rule); ``noisy_audio`` alone self-tags every audio file of the folder with the audio tower's
-    AudioSet head (issue 5; needs a tower with tags). Features go to ``feats`` (default ``out/features``).
+    AudioSet head (needs a tower with tags). Features go to ``feats`` (default ``out/features``).
     """
     from atae.data import read_caption_csv, read_fsd50k_noisy
     from atae.features import ensure_dataset_features
