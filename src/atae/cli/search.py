@@ -44,7 +44,7 @@ from atae.errors import QueryError
     default=None,
     type=click.Choice(["adapter", "bridge", "hybrid"]),
     help="adapter: the trained model; bridge: zero-shot AudioSet tags (no model needed); hybrid: both. "
-    "Default: adapter with a trained model, else bridge if the audio tower has an AudioSet head.",
+    "Default: the best this library can use (hybrid, else adapter, else bridge).",
 )
 @click.option(
     "--like",
