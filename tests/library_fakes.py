@@ -133,7 +133,14 @@ def write_tone_mix(path, seconds: float, seed: int):
 class LabelWordTower(WordTower):
     """WordTower that also reads the names of the first 16 AudioSet labels (alone, in the bridge's
     prompt "the sound of X", or joined by " and "): label b -> one-hot b. BandTower's tags put band b on
-    label b, so "children shouting" (label 13) and "high" (band 13) mean the same sound."""
+    label b, so "children shouting" (label 13) and "high" (band 13) mean the same sound. Its own identity:
+    the bridge caches label embeddings per tower identity, and WordTower's must not be these."""
+
+    name = "labelwords"
+
+    @property
+    def info(self) -> TowerInfo:
+        return TowerInfo("labelwords", "text", BANDS, "fake-sha-lw", None, {})
 
     def encode(self, texts):
         from atae.bridge import audioset_labels

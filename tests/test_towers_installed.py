@@ -64,6 +64,12 @@ def test_weights_are_found_again_by_sha256(home, tmp_path):
         weights_for(TowerInfo("efficientat-mn04", "audio", 384, MN04_SHA, 32000))
 
 
+def test_weights_list_shows_each_sha256(home):
+    code, out = _cli("weights", "list")
+    block = out[out.index("efficientat-mn04"):out.index("efficientat-mn05")]
+    assert code == 0 and f"sha256: {MN04_SHA}" in block
+
+
 def test_index_defaults_to_the_best_tower_and_says_what_mn04_would_give(home, tmp_path, monkeypatch):
     assert registry.best_audio_tower() == "aisfx"  # ships with the install; mn04 not fetched
     chosen = []
