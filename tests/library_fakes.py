@@ -128,3 +128,38 @@ def write_tone_mix(path, seconds: float, seed: int):
             x[a:a + sr // 2] += rng.random() * 0.3 * np.sin(2 * np.pi * f * t[a:a + sr // 2])
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(path, x.astype(np.float32), sr)
+
+
+class LabelWordTower(WordTower):
+    """WordTower that also reads the names of the first 16 AudioSet labels (alone, in the bridge's
+    prompt "the sound of X", or joined by " and "): label b -> one-hot b. BandTower's tags put band b on
+    label b, so "children shouting" (label 13) and "high" (band 13) mean the same sound. Its own identity:
+    the bridge caches label embeddings per tower identity, and WordTower's must not be these."""
+
+    name = "labelwords"
+
+    @property
+    def info(self) -> TowerInfo:
+        return TowerInfo("labelwords", "text", BANDS, "fake-sha-lw", None, {})
+
+    def encode(self, texts):
+        from atae.bridge import audioset_labels
+
+        names = {n.lower(): i for i, n in enumerate(audioset_labels()[:BANDS])}
+        out = []
+        for t in texts:
+            rows = []
+            for part in t.lower().removeprefix("the sound of ").split(" and "):
+                if part in names:
+                    v = np.zeros(BANDS, np.float32)
+                    v[names[part]] = 1.0
+                    rows.append(v)
+                else:
+                    rows += list(super().encode([part])[0])
+            out.append(np.stack(rows))
+        return out
+
+
+def label_freq(label_index: int) -> float:
+    """The tone whose BandTower tags peak on AudioSet label ``label_index`` (< 16): its band's centre."""
+    return 250.0 * label_index + 125.0

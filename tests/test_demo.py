@@ -66,3 +66,42 @@ def test_demo_model_reloads_with_identical_scores(demo_run):
     seq = get_text_tower(res.towers[1]).encode([query])
     scores = score_matrix(model, table, keys, seq)[0]
     np.testing.assert_allclose(scores, [s for _, s in res.queries[query]], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_demo_ends_with_commands_that_index_and_serve(demo_run, monkeypatch):
+    """The two printed commands work as printed, and the page they open finds the demo's sounds."""
+    import shlex
+
+    from click.testing import CliRunner
+    from fastapi.testclient import TestClient
+
+    from atae.cli import main
+    from atae.data.synthetic import EXAMPLE_QUERIES
+    from atae.library import Library
+    from atae.server.app import create_app
+
+    res, out, lines = demo_run
+    index_cmd = next(ln for ln in lines if ln.strip().startswith("atae index"))
+    serve_cmd = next(ln for ln in lines if ln.strip().startswith("atae serve"))
+    assert lines.index(serve_cmd) == lines.index(index_cmd) + 1 and lines.index(index_cmd) > max(
+        i for i, ln in enumerate(lines) if "mAP@10" in ln)
+    r = CliRunner().invoke(main, shlex.split(index_cmd)[1:], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    db = shlex.split(serve_cmd)[shlex.split(serve_cmd).index("--db") + 1]
+    with Library.open(db) as lib, TestClient(create_app(lib)) as client:
+        n = client.get("/api/stats").json()["files"]
+        assert n == sum(1 for _ in (out / "corpus" / "audio").glob("*.wav"))
+        answers = [client.get("/api/search", params={"q": q, "k": 1}).json() for q in EXAMPLE_QUERIES]
+        top = [concept_of(a["results"][0]["file_name"]) for a in answers]
+        assert sum(a == b for a, b in zip(top, ["siren", "birds", "clock"], strict=True)) >= 2
+
+    # `atae demo --serve` serves that library (the demo itself already ran above)
+    served = []
+    monkeypatch.setattr("atae.demo.run_demo", lambda *a, **kw: None)
+    monkeypatch.setattr("atae.server.run.serve_library",
+                        lambda lib, host, port, **kw: served.append((lib.stats()["files"], host, port)))
+    r = CliRunner().invoke(main, ["demo", "--out", str(out), "--serve", "--port", "8765"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert served == [(n, "127.0.0.1", 8765)]

@@ -208,6 +208,10 @@ def test_cli_train_and_evaluate_end_to_end(tmp_path, write_wav):
     assert r.exit_code == 0, r.output
     assert "towers: audio aisfx" in r.output and (run / "config.json").is_file()
     assert len((run / "log.jsonl").read_text().splitlines()) == 2
+    from atae.weights import resolve  # the model remembers the tower weights it read, for later commands
+
+    remembered = json.loads((run / "config.json").read_text())["weights_files"]
+    assert remembered == {"audio": str(resolve("aisfx").resolve()), "text": str(resolve("minilm").resolve())}
     r = CliRunner().invoke(main, ["evaluate", str(run), "--csv", str(tmp_path / "val.csv"), "--audio-dir",
                                   str(tmp_path / "val"), "--json", str(tmp_path / "m.json"), "--submission",
                                   str(tmp_path / "sub.csv"), "--no-progress"])

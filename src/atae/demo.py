@@ -36,6 +36,7 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, audio_encoder: str = "aisfx"
     from atae.features import ensure_dataset_features
     from atae.towers.registry import get_audio_tower, get_text_tower
     from atae.train import load_recipe, run_recipe
+    from atae.train.runner import tower_weights_files
 
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -74,6 +75,7 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, audio_encoder: str = "aisfx"
         seed=seed,
         max_epochs=max_epochs,
         progress=progress,
+        weights_files=tower_weights_files(audio_tower, text_tower),
     )
     model = run.model
     best = run.summary["stages"][-1]
@@ -106,4 +108,30 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, audio_encoder: str = "aisfx"
     (out / "queries.json").write_text(json.dumps(answers, indent=2))
     dt = time.perf_counter() - t0
     log(f"done in {dt:.0f} s; model in {run_dir}, metrics in {out / 'metrics.json'}")
+    for line in next_steps(out):
+        log(line)
     return DemoResult(out, metrics, answers, (audio_encoder, text_encoder), dt)
+
+
+def next_steps(out_dir: str | Path) -> list[str]:
+    """What to type next: index a folder with the demo's model and search it in the web page."""
+    out = Path(out_dir)
+    audio, lib, run = out / "corpus" / "audio", out / "library", out / "run"
+    return [
+        "",
+        "Search these sounds in your browser (or put your own folder in place of the corpus):",
+        f"  atae index {audio} --db {lib} --model {run}",
+        f"  atae serve --db {lib}",
+        "(`atae demo --serve` does both after the demo.)",
+    ]
+
+
+def demo_library(out_dir: str | Path, *, progress: bool = False):
+    """The demo corpus indexed with the demo's trained model in ``OUT/library`` (incremental: a second
+    call only opens it). Returns the open ``Library``."""
+    from atae.library import Library
+
+    out = Path(out_dir)
+    lib = Library.open(out / "library", create=True, model=out / "run")
+    lib.add([out / "corpus" / "audio"], progress=progress)
+    return lib

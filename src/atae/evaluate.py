@@ -190,18 +190,23 @@ def evaluate_queries(model: AlignedModel, queries, audio_table, text_tower,
 # -------------------------------------------------------------------------------- command plumbing
 def towers_for_model(model: AlignedModel, *, audio_weights=None, text_weights=None, need_text: bool = True,
                      device: str = "cpu"):
-    """Rebuild the towers named in a model's config (weights: explicit path, else the registry's
-    resolution) on ``device`` and check they produce the same numbers the model was trained on."""
+    """Rebuild the towers named in a model's config on ``device`` and check they produce the same numbers
+    the model was trained on. Weights: the explicit path, else the file the model remembers, else the
+    registry's places, each checked by SHA-256 (``atae.towers.trained_with``)."""
     from atae.towers.registry import TEXT_TOWERS, get_audio_tower, get_text_tower
+    from atae.towers.trained_with import weights_for
 
     ai, ti = model.audio_info, model.text_info
+    files = getattr(model, "weights_files", None) or {}
     a_opts = {k: ai.options[k] for k in ("window_s", "hop_s") if k in ai.options}
-    audio = get_audio_tower(ai.name, audio_weights, device=device, **a_opts)
+    audio = get_audio_tower(ai.name, weights_for(ai, explicit=audio_weights, remembered=files.get("audio")),
+                            device=device, **a_opts)
     text = None
     if need_text:
         t_opts = {k: ti.options[k] for k in ("layer", "max_length") if k in ti.options}
         if ti.name in TEXT_TOWERS:
-            text = get_text_tower(ti.name, text_weights, device=device, **t_opts)
+            found = weights_for(ti, explicit=text_weights, remembered=files.get("text"))
+            text = get_text_tower(ti.name, found, device=device, **t_opts)
         elif text_weights is not None:
             text = get_text_tower(str(text_weights), device=device, **t_opts)
         else:

@@ -77,6 +77,9 @@ class AlignedModel(nn.Module):
         # (N, out_dim) unit text-adapter embeddings of the training captions, or None: how far a query is
         # from what the adapters were trained on (``atae.scoring.Fusion``); saved beside the adapters
         self.caption_reference: np.ndarray | None = None
+        # {"audio": path, "text": path}: the tower weights read at training, so later commands find them
+        # again (checked by SHA-256 against the tower infos, ``atae.towers.trained_with``)
+        self.weights_files: dict[str, str] = {}
 
     def embed_audio(self, z: torch.Tensor, mask: torch.Tensor | None = None, *,
                     normalize: bool = False) -> torch.Tensor:
@@ -107,6 +110,7 @@ class AlignedModel(nn.Module):
             "text_tower": self.text_info.to_dict(),
             "extras": self.extras,
             "training": self.train_summary,
+            "weights_files": dict(self.weights_files),
         }
 
     def save(self, directory: str | Path) -> Path:
@@ -160,6 +164,7 @@ class AlignedModel(nn.Module):
             model = cls(TowerInfo.from_dict(cfg["audio_tower"]), TowerInfo.from_dict(cfg["text_tower"]),
                         hidden=cfg["hidden"], out_dim=cfg["out_dim"], extras=cfg.get("extras") or {})
             model.train_summary = cfg.get("training") or {}
+            model.weights_files = {k: str(v) for k, v in (cfg.get("weights_files") or {}).items()}
             state = load_file(str(w_path))
             ref = state.pop(REFERENCE_KEY, None)
             model.load_state_dict(state, strict=True)

@@ -19,6 +19,7 @@ _COMMAND_MODULES = [
     "atae.cli.library",
     "atae.cli.weights",
     "atae.cli.demo",
+    "atae.cli.info",
 ]
 
 

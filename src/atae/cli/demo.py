@@ -11,12 +11,29 @@ import click
 @click.option("--text-encoder", default="minilm", show_default=True)
 @click.option("--max-epochs", default=100, show_default=True)
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def demo(out_dir, seed, audio_encoder, text_encoder, max_epochs, no_progress):
+@click.option("--serve", "serve", is_flag=True,
+              help="Then index the demo corpus with the trained model and open the search page on it.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+              help="Port of the search page (with --serve).")
+def demo(out_dir, seed, audio_encoder, text_encoder, max_epochs, no_progress, serve, port):
     """Synthesise a corpus, extract, train ATAE, evaluate, and answer three example queries."""
-    from atae.demo import run_demo
+    from atae.demo import demo_library, run_demo
 
     run_demo(out_dir, seed=seed, audio_encoder=audio_encoder, text_encoder=text_encoder,
              max_epochs=max_epochs, progress=not no_progress, log=click.echo)
+    if not serve:
+        return
+    import sys
+
+    from atae.server.run import serve_library
+
+    click.echo("indexing the demo corpus for the search page...")
+    lib = demo_library(out_dir, progress=not no_progress and sys.stderr.isatty())
+    try:
+        serve_library(lib, "127.0.0.1", port, log=click.echo,
+                      warn=lambda m: click.secho(m, fg="yellow", err=True))
+    finally:
+        lib.close()
 
 
 COMMANDS = [demo]

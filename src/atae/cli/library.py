@@ -26,7 +26,8 @@ import click
 @click.option(
     "--audio-encoder",
     default=None,
-    help="Audio tower of a new library (default: the model's, else the default pair's).",
+    help="Audio tower of a new library (default: the model's, else the strongest installed: "
+    "efficientat-mn04, cnn14, aisfx; see `atae info`).",
 )
 @click.option(
     "--audio-weights", default=None, type=click.Path(dir_okay=False), help="Explicit tower weights."
@@ -81,9 +82,24 @@ def index(
 ):
     """Index folders of audio into the library at --db (incremental, resumable: run it again anytime)."""
     import sys
+    from pathlib import Path
 
     from atae.library import Library
 
+    if audio_encoder is None and model is None and not (Path(db).expanduser() / "library.sqlite").exists():
+        from atae.towers.registry import best_audio_tower
+
+        audio_encoder = best_audio_tower()
+        if audio_encoder != "efficientat-mn04":
+            gain = ("a tower as strong and eight times faster" if audio_encoder == "cnn14" else
+                    "a stronger tower with AudioSet tags: text search with no training, and tags that "
+                    "explain each result")
+            click.secho(
+                f"note: indexing with the {audio_encoder} audio tower; `atae weights fetch efficientat-mn04` "
+                f"(4 MB) gives {gain} (then index into a new --db)",
+                fg="yellow",
+                err=True,
+            )
     with Library.open(
         db,
         create=True,
@@ -139,10 +155,8 @@ def index(
 )
 def serve(db, host, port, max_upload_mb):
     """Serve a search page for the library at --db (search box, players, waveforms, query by example)."""
-    import uvicorn
-
     from atae.library import Library
-    from atae.server.app import create_app
+    from atae.server.run import serve_library
 
     lib = Library.open(db)
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -151,14 +165,9 @@ def serve(db, host, port, max_upload_mb):
             fg="yellow",
             err=True,
         )
-    click.echo(f"atae: {lib.stats()['files']} files; open http://{host}:{port}/")
     try:
-        uvicorn.run(
-            create_app(lib, max_upload_bytes=max_upload_mb * 1024 * 1024),
-            host=host,
-            port=port,
-            log_level="warning",
-        )
+        serve_library(lib, host, port, max_upload_bytes=max_upload_mb * 1024 * 1024, log=click.echo,
+                      warn=lambda m: click.secho(m, fg="yellow", err=True))
     finally:
         lib.close()
 

@@ -2,7 +2,8 @@
 
 Two modes:
 * library: ``atae search --db LIB "a door creaks open" [-k 10] [--json] [--paths-only] [--audio clip.wav]
-  [--min-duration S] [--max-duration S] [--glob PATTERN]``
+  [--min-duration S] [--max-duration S] [--glob PATTERN] [--explain]``, or more like an indexed file:
+  ``atae search --db LIB --like PATH[@SECONDS]``
 * dataset: ``atae search RUN "a door creaks open" --csv C --audio-dir D [-k 10]`` ranks the clips of a
   Clotho-format dataset with the trained model RUN (audio features cached in ``--feats``).
 """
@@ -10,6 +11,7 @@ Two modes:
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -42,8 +44,18 @@ from atae.errors import QueryError
     default=None,
     type=click.Choice(["adapter", "bridge", "hybrid"]),
     help="adapter: the trained model; bridge: zero-shot AudioSet tags (no model needed); hybrid: both. "
-    "Default: adapter with a trained model, else bridge if the audio tower has an AudioSet head.",
+    "Default: the best this library can use (hybrid, else adapter, else bridge).",
 )
+@click.option(
+    "--like",
+    default=None,
+    metavar="PATH[@SECONDS]",
+    help="More like this: rank by similarity to a file the library holds (at SECONDS: the part of a long "
+    "file around that time). Its own file is left out. No model needed.",
+)
+@click.option("--explain", is_flag=True,
+              help="Show each result's top AudioSet tags, marking those that match the query (towers with "
+                   "an AudioSet head; also adds 'tags' to --json).")
 @click.option(
     "--csv",
     "csv_path",
@@ -74,12 +86,21 @@ def search(
     max_duration,
     glob,
     scorer,
+    like,
+    explain,
     csv_path,
     audio_dir,
     feats,
 ):
     """Search a library (--db LIB "text" | --db LIB --audio clip.wav) or a dataset
     (RUN "text" --csv C --audio-dir D)."""
+    if like is not None:
+        if db is None or args or audio is not None or scorer is not None:
+            raise QueryError("--like searches a library by one of its own files, alone",
+                             fix="atae search --db LIB --like PATH[@SECONDS] (no text, --audio or --scorer)")
+        rows = like_search(db, like, k=k, min_duration=min_duration, max_duration=max_duration, glob=glob)
+        _print(rows, as_json, paths_only)
+        return
     if db is not None:
         if len(args) > 1:
             raise QueryError(
@@ -108,6 +129,8 @@ def search(
                 scorer=scorer,
             )
             untagged = lib.scorers()["untagged"] if scorer in ("bridge", "hybrid") else 0
+            if explain:
+                lib.explain(results, text=text)
         if untagged:
             click.secho(f"note: {untagged} segments have no AudioSet tags and are left out of {scorer} "
                         "results (indexed by an older atae?); index the folder into a new --db to include "
@@ -146,10 +169,12 @@ def dataset_search(
     from atae.model import AlignedModel
     from atae.query import clean_query
     from atae.towers.registry import get_audio_tower, get_text_tower
+    from atae.towers.trained_with import weights_for
 
     text = clean_query(text)
     model = AlignedModel.load(run)
-    audio_tower = get_audio_tower(model.audio_info.name)
+    found = weights_for(model.audio_info, remembered=model.weights_files.get("audio"))
+    audio_tower = get_audio_tower(model.audio_info.name, found)
     if scorer in ("bridge", "hybrid"):
         require_tag_head(audio_tower)
     dataset = read_caption_csv(csv_path, audio_dir)
@@ -179,6 +204,39 @@ def dataset_search(
     ]
 
 
+def like_search(db: str, like: str, *, k: int = 10, **filters) -> list[dict]:
+    """``--like PATH[@SECONDS]``: the results of ``Library.similar`` for an indexed file (or the part of
+    it around SECONDS), as dicts; the first line printed says what was searched like."""
+    from atae.library import Library
+    from atae.library.similar import describe
+
+    with Library.open(db) as lib:
+        path, seconds = _split_like(lib, like)
+        ids = lib.segments_at(path, seconds)
+        results = lib.similar(ids, k=k, **filters)
+        src = describe(lib, ids[0])
+    where = "" if seconds is None else f" @ {_ts(src['start_s'])}-{_ts(src['end_s'])}"
+    path = src["path"] if src["path"].isprintable() else src["path"].encode("unicode_escape").decode()
+    click.echo(f"more like {path}{where}:", err=True)
+    return [r.to_dict() for r in results]
+
+
+def _split_like(lib, like: str) -> tuple[str, float | None]:
+    """PATH or PATH@SECONDS (a path that itself holds an @ is taken whole when the library has it)."""
+    if "@" not in like or lib.db.file_by_path(os.path.abspath(os.path.expanduser(like))) is not None:
+        return like, None
+    path, _, t = like.rpartition("@")
+    try:
+        seconds = float(t)
+    except ValueError:
+        raise QueryError(f"{t!r} after the @ is not a time in seconds", path=path,
+                         fix="write --like PATH@SECONDS, e.g. --like walk.wav@12.5") from None
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        raise QueryError(f"{t!r} after the @ is not a time in seconds", path=path,
+                         fix="write --like PATH@SECONDS, e.g. --like walk.wav@12.5")
+    return path, seconds
+
+
 def _print(rows: list[dict], as_json: bool, paths_only: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
@@ -198,6 +256,21 @@ def _print(rows: list[dict], as_json: bool, paths_only: bool) -> None:
                 span = f"  @ {_ts(r['start_s'])}-{_ts(r['end_s'])}"
             line += f"  ({_ts(r['duration'])}){span}"
         click.echo(line)
+        _print_tags(r)
+
+
+def _print_tags(r: dict) -> None:
+    """The explanation line under a result: tags that match the query first, then the others."""
+    tags = r.get("tags")
+    if r.get("missing"):
+        click.echo("       (no longer on disk: run `atae index` again)")
+    if not tags:
+        return
+    matched = [f"{t['label']} {t['prob']:.2f}" for t in tags if t["matched"]]
+    other = [f"{t['label']} {t['prob']:.2f}" for t in tags if not t["matched"]]
+    parts = ([f"matches: {', '.join(matched)}"] if matched else []) + ([f"tags: {', '.join(other)}"]
+                                                                        if other else [])
+    click.echo("       " + "  |  ".join(parts))
 
 
 def _ts(s: float) -> str:

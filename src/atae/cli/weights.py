@@ -16,7 +16,7 @@ def weights() -> None:
 
 @weights.command("list")
 def list_() -> None:
-    """Every registered weights name with its source, licence, size and whether it is here."""
+    """Every registered weights name with its source, licence, size, SHA-256 and whether it is here."""
     for name, spec in W.WEIGHTS.items():
         try:
             where = str(W.resolve(name))
@@ -26,7 +26,17 @@ def list_() -> None:
         click.echo(f"{name:20s} {size:>8s}  {spec.license}")
         click.echo(f"{'':20s} {spec.description}")
         click.echo(f"{'':20s} source: {spec.url}")
+        click.echo(f"{'':20s} sha256: {_sha256_line(spec)}")
         click.echo(f"{'':20s} here:   {where}")
+
+
+def _sha256_line(spec) -> str:
+    """The registry's SHA-256 of a single-file spec; what verify checks otherwise."""
+    if spec.sha256:
+        return spec.sha256
+    if spec.kind == "dir":
+        return "a folder: `atae weights verify` checks its files are complete"
+    return "not published upstream: `atae weights verify` shows the installed file's"
 
 
 @weights.command("path")

@@ -43,10 +43,13 @@ class SearchResult:
     end_s: float
     file_id: int
     segment_id: int
+    tags: list[dict] | None = None  # the segment's top AudioSet tags, "matched" = carried the query
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["score"] = round(float(self.score), 6)
+        d["file_name"], d["folder"] = os.path.basename(self.path), os.path.dirname(self.path)
+        d["missing"] = not os.path.isfile(self.path)  # deleted or moved since it was indexed
         return d
 
 
@@ -130,7 +133,8 @@ class Library:
         ``model``: a trained model directory (or an ``AlignedModel``-like object): the library's vectors
         become its audio embeddings (re-embedded from the stored raw vectors if it changed).
         ``audio_encoder``/``audio_weights``/``audio_tower``: the tower for new libraries (default: the
-        model's tower, else ``default_towers()``'s); an existing library must keep its tower.
+        model's tower with the weights it was trained on, else ``best_audio_tower()``); an existing library
+        must keep its tower.
         """
         root = Path(path).expanduser()
         exists = (root / "library.sqlite").exists()
@@ -183,15 +187,16 @@ class Library:
 
     def _init_settings(self, audio_encoder, audio_weights, model, window_s, hop_s, long_s, index) -> None:
         if self._audio_tower is None:
-            from atae.towers.registry import get_audio_tower
+            from atae.towers.registry import best_audio_tower, get_audio_tower
 
             name = audio_encoder or (model.audio_info.name if model is not None else None)
-            if name is None:
-                from atae.towers.registry import default_towers
+            if model is not None and name == model.audio_info.name:
+                from atae.towers.trained_with import weights_for
 
-                dt = default_towers()
-                name = dt[0] if isinstance(dt[0], str) else dt[0].name
-            self._audio_tower = get_audio_tower(name, weights=audio_weights)
+                remembered = (getattr(model, "weights_files", None) or {}).get("audio")
+                audio_weights = weights_for(model.audio_info, explicit=audio_weights, remembered=remembered)
+            self._audio_tower = get_audio_tower(name or best_audio_tower(), weights=audio_weights)
+            audio_weights = getattr(self._audio_tower, "weights_path", None) or audio_weights
         info = self._audio_tower.info
         settings = {
             "long_s": long_s or _indexer.LONG_S,
@@ -249,9 +254,11 @@ class Library:
     def audio_tower(self):
         if self._audio_tower is None:
             from atae.towers.registry import get_audio_tower
+            from atae.towers.trained_with import weights_for
 
             info = self.stored_tower_info
-            self._audio_tower = get_audio_tower(info.name, weights=self.db.get_meta("audio_weights") or None)
+            found = weights_for(info, remembered=self.db.get_meta("audio_weights") or None)
+            self._audio_tower = get_audio_tower(info.name, weights=found)
         if not _same_tower(self._audio_tower.info, self.stored_tower_info):
             raise LibraryError(
                 f"the audio tower {self._audio_tower.info.name} "
@@ -325,8 +332,10 @@ class Library:
             if m is None:
                 return None
             from atae.towers.registry import get_text_tower
+            from atae.towers.trained_with import weights_for
 
-            self._text_tower = get_text_tower(m.text_info.name)
+            found = weights_for(m.text_info, remembered=(getattr(m, "weights_files", None) or {}).get("text"))
+            self._text_tower = get_text_tower(m.text_info.name, found)
             if not _same_tower(self._text_tower.info, m.text_info):
                 raise ModelError(
                     f"the text tower {m.text_info.name} found here is not the one the model was trained with",
@@ -627,7 +636,8 @@ class Library:
                 self._unavailable = (key, why, untagged)
             why = dict(self._unavailable[1])
             names = [n for n in scorers.SCORER_NAMES if n not in why]
-            return {"available": names, "default": scorers.preferred(names), "unavailable": why,
+            return {"available": names, "default": scorers.preferred(names, self._unavailable[2]),
+                    "unavailable": why,
                     "untagged": self._unavailable[2]}
 
     @property
@@ -662,3 +672,29 @@ class Library:
                 vi = self.index if self.model_version and len(ids) else None
                 self._state = (key, SearchState(ids, tags, vi, vi.rows_of(ids) if vi is not None else None))
             return self._state[1]
+
+    # --- result details: why a result matched, more like this (explain.py, similar.py) ---------------
+    def explain(self, results: list[SearchResult], *, text: str | None = None) -> list[SearchResult]:
+        """Fill each result's ``tags``: the segment's top AudioSet tags, with those that carried the text
+        query marked ``matched`` (no text: nothing marked). A no-op when the tower has no AudioSet head."""
+        from atae.library import explain
+
+        with self._lock:
+            dist = explain.text_distribution(self, clean_query(text)) if text is not None else None
+            explain.attach(self, results, dist)
+        return results
+
+    def similar(self, segment_ids, *, k: int = 10, **filters) -> list[SearchResult]:
+        """More like this: the k files nearest the given segments (their own file left out); no model or
+        audio decoding needed; ``filters``: ``min_duration``, ``max_duration``, ``glob`` as in ``search``.
+        See ``atae.library.similar``."""
+        from atae.library.similar import similar
+
+        ids = [segment_ids] if isinstance(segment_ids, (int, np.integer)) else segment_ids
+        return similar(self, ids, k=k, **filters)
+
+    def segments_at(self, path: str | Path, seconds: float | None = None) -> list[int]:
+        """The segment ids of an indexed file (at ``seconds``: the one nearest that time)."""
+        from atae.library.similar import segments_at
+
+        return segments_at(self, str(path), seconds)

@@ -369,6 +369,38 @@ class LibraryDB:
                 out[r[0]] = r[1:]
         return out
 
+    # --- result details: explanations and "more like this" ----------------------------------------
+    def segment_tags(self, ids) -> dict[int, np.ndarray]:
+        """id -> (527,) float32 tag probabilities, for the given segments that have tags."""
+        out: dict[int, np.ndarray] = {}
+        ids = [int(x) for x in ids]
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            q = ",".join("?" * len(chunk))
+            for sid, blob in self.conn.execute(
+                f"SELECT id, tags FROM segments WHERE tags IS NOT NULL AND id IN ({q})", chunk
+            ):
+                out[int(sid)] = np.frombuffer(blob, dtype=np.float16).astype(np.float32)
+        return out
+
+    def file_by_path(self, path: str) -> FileRow | None:
+        r = self.conn.execute(f"SELECT {_FILE_COLS} FROM files WHERE path=?", (str(path),)).fetchone()
+        return FileRow(*r) if r else None
+
+    def file_segments(self, file_id: int) -> list[tuple[int, float, float]]:
+        """(segment id, start_s, end_s) of one file's segments, in time order."""
+        return [
+            (int(a), float(b), float(c))
+            for a, b, c in self.conn.execute(
+                "SELECT id, start_s, end_s FROM segments WHERE file_id=? ORDER BY seg_index", (int(file_id),)
+            )
+        ]
+
+    def segment_file(self, segment_id: int) -> int | None:
+        """The file id of a segment (None if the segment is unknown)."""
+        r = self.conn.execute("SELECT file_id FROM segments WHERE id=?", (int(segment_id),)).fetchone()
+        return int(r[0]) if r else None
+
 
 _FILE_COLS = (
     "id, path, size, mtime_ns, hash, duration, sample_rate, channels, encoder, model_version, status, error"

@@ -55,15 +55,18 @@ def available(library) -> list[str]:
     return [n for n in SCORER_NAMES if n not in bad]
 
 
-def preferred(names) -> str | None:
-    """The default among available scorer names: ``adapter``, else ``bridge``, else None (shared by
-    ``default_scorer`` and ``Library.scorers`` so the CLI and the web page agree)."""
-    return next((n for n in ("adapter", "bridge") if n in names), None)
+def preferred(names, untagged: int = 0) -> str | None:
+    """The strongest of the available scorer names, the default everywhere (``Library.scorers``, the web
+    page, `atae search`): ``hybrid`` (the trained model where it is sure, the tags elsewhere), else
+    ``adapter``, else ``bridge``. With ``untagged`` segments (left out of bridge and hybrid results) a
+    trained model searches alone."""
+    order = ("adapter", "hybrid", "bridge") if untagged else ("hybrid", "adapter", "bridge")
+    return next((n for n in order if n in names), None)
 
 
 def default_scorer(library) -> str:
-    """``adapter`` with a trained model, else ``bridge`` if the tower has an AudioSet head, else an error."""
-    name = preferred(available(library))
+    """The library's default scorer (``preferred``), or an error saying why it can search no text."""
+    name = library.scorers()["default"]
     if name is not None:
         return name
     raise QueryError(

@@ -3,15 +3,14 @@
 * Vectors are L2-normalised and searched by inner product (= cosine similarity).
 * Ids are segment ids from SQLite (``IndexIDMap2``), so a hit maps straight back to its row.
 * Kind: ``flat`` (exact ``IndexFlatIP``) up to ``HNSW_THRESHOLD`` vectors, ``hnsw`` (``IndexHNSWFlat``)
-  above it, unless a kind is forced. Exact search on 50k x 512 costs ~5 ms a query on one core; beyond
-  that HNSW keeps latency flat.
+  above it, unless a kind is forced: exact search grows with the library, HNSW stays nearly flat.
 * HNSW parameters (``bench/bench_library.py --hnsw-grid``, clustered synthetic 512-d vectors): the build
   is the cost, the query is cheap, so the graph is built lean and searched wide. M=24, efConstruction=48
   builds 2.2x faster than M=32/80 (CPU time at 50k) and, with efSearch=256, keeps recall@10 >= 0.99 at
-  200k for ~1.5 ms a query; M=16/40 is cheaper still but falls to recall 0.97 at 200k even at
-  efSearch=256. Known limit: at 1M these vectors reach only recall@10 0.915 (efSearch 256) / 0.925 (512)
-  with M=24/48 (bench/results/library_hnsw_sweep.json); the proxy is a worst case inside each cluster
-  (isotropic 512-d noise), but a 1M library may need a denser graph. The parameters live in the saved
+  200k; M=16/40 is cheaper still but falls to recall 0.97 at 200k even at efSearch=256. Known limit:
+  at 1M these vectors reach only recall@10 0.915 (efSearch 256) / 0.925 (512) with M=24/48
+  (bench/results/library_hnsw_sweep.json); the proxy is a worst case inside each cluster (isotropic
+  512-d noise), but a 1M library may need a denser graph. The parameters live in the saved
   index, so libraries built with other ones open as they are; only efSearch is set on load.
 * HNSW cannot delete: removed ids stay in the graph as *tombstones* that the search drops (hits are
   looked up in SQLite anyway); the index is rebuilt when they pass 20 % of its size.
@@ -36,8 +35,8 @@ HNSW_EF_CONSTRUCTION = 48
 HNSW_EF_SEARCH = 256
 TOMBSTONE_REBUILD_FRACTION = 0.2
 # FAISS parallelises over queries: a single query gains nothing from OpenMP, and on a busy machine the
-# idle team's synchronisation cost 20x (24 ms instead of 1 ms at 20k vectors). Searches run on one
-# thread; builds (many vectors) use every core.
+# idle team's synchronisation made it many times slower. Searches run on one thread; builds (many
+# vectors) use every core.
 _BUILD_THREADS = max(1, faiss.omp_get_max_threads())
 
 

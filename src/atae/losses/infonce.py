@@ -1,5 +1,5 @@
 """Symmetric InfoNCE (CLIP-style) over cosine logits, optionally multi-positive and with a learnable
-temperature (issue 5).
+temperature.
 
 For a batch of B (audio, text) pairs with clip labels, logits[i, j] = cos(text_i, audio_j) / T.
 text->audio: row i is a softmax over the B audio items; audio->text: the same on the transpose. The

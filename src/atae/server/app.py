@@ -10,7 +10,12 @@ Routes
 * ``GET /api/audio/{id}``: an indexed file, **only by its numeric id** (no path parameter exists, so no
   traversal); HTTP Range requests answer 206 (Starlette ``FileResponse``) so long files seek.
 * ``GET /api/waveform/{id}.png``: a 480x64 waveform thumbnail, cached in ``LIB/cache``.
+* ``GET /api/similar/{segment_id}?k=10``: more like this (a result's ``segment_id``): the files nearest
+  that segment, its own file left out (``atae.library.similar``); unknown id -> 404, not a number -> 400.
 * ``GET /api/stats``.
+Results carry ``file_name``, ``folder``, ``missing`` (the file is gone from disk) and, when the tower
+has an AudioSet head, ``tags``: the segment's top tags, ``matched`` = carried the query
+(``atae.library.explain``).
 Every error is JSON ``{"error": message, "fix": hint}`` with a 4xx/5xx status; never a traceback.
 """
 
@@ -187,6 +192,7 @@ def create_app(library, *, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
         res = library.search(
             q, k=_k(k), min_duration=min_duration, max_duration=max_duration, glob=glob or None, scorer=name
         )
+        library.explain(res, text=q)
         return {
             "query": q,
             "scorer": name or "adapter",
@@ -224,6 +230,7 @@ def create_app(library, *, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
                 )
         finally:
             os.unlink(tmp)
+        library.explain(res)
         return {
             "query": name,
             "results": [r.to_dict() for r in res],
@@ -274,6 +281,22 @@ def create_app(library, *, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
         except OSError:
             pass  # read-only library: serve uncached
         return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=86400"})
+
+    @app.get("/api/similar/{segment_id}")
+    def similar(segment_id: str, k: str = "10"):
+        t0 = time.perf_counter()
+        from atae.library.similar import UnknownSegment, describe
+
+        if not segment_id.isdigit() or len(segment_id) > 18:
+            return _err(400, f"a segment id is a whole number, not {segment_id[:40]!r}",
+                        "use the segment_id of a search result")
+        try:
+            like = describe(library, int(segment_id))
+            res = library.similar(int(segment_id), k=_k(k))
+        except UnknownSegment as e:
+            return _err(404, str(e).split(" (fix: ")[0], e.fix)
+        return {"like": like, "results": [r.to_dict() for r in res],
+                "took_ms": round((time.perf_counter() - t0) * 1000, 1)}
 
     @app.get("/api/stats")
     def stats():

@@ -3,8 +3,8 @@
 Our own definition of the network of the ``aisfx`` 0.1.2 package (CC BY 4.0 weights, shipped in the
 wheel) and of its *intended* preprocessing. The package's librosa path never transposes its
 (mel x time) spectrogram, so it blocks the mel axis as if it were time and yields one block per clip of
-any length (see ``../shared/golden/aisfx/README.md``). We feed the network time-major blocks, as its
-``forward`` documents and the paper describes:
+any length (the golden parity fixtures of ``tests/test_aisfx.py`` record both). We feed the network
+time-major blocks, as its ``forward`` documents and the paper describes:
 
 44.1 kHz mono -> peak normalisation -> power mel spectrogram (n_fft 2048, hop 1024, periodic Hann,
 centred with zero padding, 96 HTK mel bands over 0-22050 Hz, each filter scaled to unit L1 norm, as

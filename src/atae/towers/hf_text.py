@@ -11,14 +11,14 @@ the special tokens the tokenizer adds (e.g. ``<s> ... </s>``) and no padding. Te
 caption (Clotho: 8-20 words). An empty or whitespace-only text raises ``QueryError`` (the caller decides
 whether that skips a caption or rejects a query).
 
-Query latency: a single short query is ~9 ms of MiniLM forward on one thread. Repeated single-text
-queries (a web page re-searching with other filters, paging, the same CLI query) are served from an LRU
-cache of the last ``cache_size`` single-text results, keyed by the exact string; a hit returns a copy of
-the array a miss computed, so cached and uncached results are bitwise equal. Batched calls (feature
-extraction) never touch the cache: padding can change a batched result in the last bits, and a cache
-filled by a batch must not leak those bits into single queries. Thread count is left to the caller: on a
-shared 2-core machine one thread gave p50 9 ms against 67 ms with two (bench/bench_library.py), but the
-count also changes the last bits (~2e-6) of the output, so the tower does not silently switch it.
+Query latency: a single short query is one MiniLM forward pass. Repeated single-text queries (a web page
+re-searching with other filters, paging, the same CLI query) are served from an LRU cache of the last
+``cache_size`` single-text results, keyed by the exact string; a hit returns a copy of the array a miss
+computed, so cached and uncached results are bitwise equal. Batched calls (feature extraction) never
+touch the cache: padding can change a batched result in the last bits, and a cache filled by a batch
+must not leak those bits into single queries. Thread count is left to the caller: on a busy 2-core
+machine one thread answered several times faster than two (bench/bench_library.py), but the count also
+changes the last bits (~2e-6) of the output, so the tower does not silently switch it.
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ def _as_source(x, audio_table, text_table):
 def run_recipe(recipe: Recipe | str, clean_train, clean_val, noisy, audio_table, text_table, out_dir, *,
                resume: bool = True, restart: bool = False, progress: bool = False,
                on_epoch: Callable[[dict], None] | None = None, text_tower=None,
-               stage_epochs: Sequence[int] | None = None, device: str = "cpu", **overrides) -> RunResult:
+               stage_epochs: Sequence[int] | None = None, weights_files: dict | None = None,
+               device: str = "cpu", **overrides) -> RunResult:
     """Run every stage of a recipe and save the final model (best weights of the last stage) in
     ``out_dir``. ``clean_train``/``clean_val``/``noisy`` are CaptionDatasets (or (dataset, audio_table,
     text_table) triples when a source lives in other tables); ``noisy`` may be None for the ``atae`` recipe.
@@ -60,6 +61,7 @@ def run_recipe(recipe: Recipe | str, clean_train, clean_val, noisy, audio_table,
     ``device``: where the adapters train (``atae.device``; batches are gathered on the CPU). With a
     tagging audio tower the hybrid's weight and gate are then tuned on ``clean_val`` and stored in the
     model's extras (``atae.tuning``; ``text_tower``: the tower the text table came from).
+    ``weights_files``: the towers' weights paths (``tower_weights_files``), kept in the model.
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, **overrides)
@@ -89,6 +91,7 @@ def run_recipe(recipe: Recipe | str, clean_train, clean_val, noisy, audio_table,
     seed_everything(cfg.seed)
     dev = resolve_device(device)
     model = AlignedModel(audio_info, text_info, hidden=cfg.hidden, out_dim=cfg.out_dim).to(dev)
+    model.weights_files = dict(weights_files or {})
     loss_fn = make_loss(cfg.loss, **cfg.loss_params).to(dev)
     histories: dict[int, list[dict]] = {}
 
@@ -133,6 +136,16 @@ def run_recipe(recipe: Recipe | str, clean_train, clean_val, noisy, audio_table,
     return RunResult(model, out, results, summary)
 
 
+def tower_weights_files(audio_tower, text_tower) -> dict[str, str]:
+    """{"audio": path, "text": path} of the weights the towers loaded (``AlignedModel.weights_files``)."""
+    out = {}
+    for kind, tower in (("audio", audio_tower), ("text", text_tower)):
+        p = getattr(tower, "weights_path", None) or getattr(tower, "model_dir", None)
+        if p is not None:
+            out[kind] = str(Path(p).expanduser().resolve())
+    return out
+
+
 def caption_reference(model: AlignedModel, texts, cap: int = MAX_REFERENCE) -> np.ndarray:
     """The distinct unit text-adapter embeddings of the captions the model was trained on (every stage),
     at most ``cap`` of them (a seeded sample beyond): ``AlignedModel.caption_reference``, rounded to the
@@ -155,7 +168,7 @@ def train_from_files(recipe: str | Path, *, train_csv, train_audio, val_csv, val
 
     Noisy pairs: ``noisy_json`` + ``noisy_audio`` read FSD50K's clip-info JSON (half of the clips, the
     seed's rule); ``noisy_audio`` alone self-tags every audio file of the folder with the audio tower's
-    AudioSet head (issue 5; needs a tower with tags). Features go to ``feats`` (default ``out/features``).
+    AudioSet head (needs a tower with tags). Features go to ``feats`` (default ``out/features``).
     """
     from atae.data import read_caption_csv, read_fsd50k_noisy
     from atae.features import ensure_dataset_features
@@ -208,7 +221,8 @@ def train_from_files(recipe: str | Path, *, train_csv, train_audio, val_csv, val
     elif noisy_audio is not None:
         echo(f"note: recipe {rec.name!r} has no noisy stage; --noisy-* ignored")
     result = run_recipe(rec, clean, val, noisy, atab, ttab, out, restart=restart, progress=progress,
-                        text_tower=text_tower, device=str(dev))
+                        text_tower=text_tower, weights_files=tower_weights_files(audio_tower, text_tower),
+                        device=str(dev))
     for st in result.stages:
         echo(f"stage {st.name}: {st.n_pairs} pairs, {st.epochs_run} epochs, best val mAP@10 "
              f"{st.best_score:.4f} at epoch {st.best_epoch} ({st.stopped})")
