@@ -231,13 +231,14 @@ def scores_for(scorer: str, *, candidates: Sequence[str], texts: Sequence[str], 
 
     if scorer not in SCORERS:
         raise DataError(f"unknown scorer {scorer!r}", fix=f"use one of {', '.join(SCORERS)}")
-    adapter = bridge = None
+    adapter = text_vectors = None
     if scorer in ("adapter", "hybrid"):
         if model is None:
             raise ModelError(f"the {scorer!r} scorer needs a trained model", fix="pass the RUN folder")
         if text_seqs is None:
             text_seqs = encode_texts(text_tower, texts)
-        adapter = score_matrix(model, audio_table, candidates, text_seqs)
+        text_vectors = model.encode_text(text_seqs)
+        adapter = text_vectors @ model.encode_audio([audio_table.get(k) for k in candidates]).T
     if scorer == "adapter":
         return adapter
     if audio_tower is not None:
@@ -250,7 +251,7 @@ def scores_for(scorer: str, *, candidates: Sequence[str], texts: Sequence[str], 
     bridge = tb.distribution(sentences) @ clip_feats.T
     if scorer == "bridge":
         return np.asarray(bridge, dtype=np.float32)
-    return hybrid_scores(adapter, bridge, Fusion.of(model).weights(model.encode_text(text_seqs)))
+    return hybrid_scores(adapter, bridge, Fusion.of(model).weights(text_vectors))
 
 
 def evaluate_run(run_dir=None, *, audio_dir, json_out=None, csv=None, queries=None, submission=None,

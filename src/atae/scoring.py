@@ -82,24 +82,14 @@ def check_hybrid_tower(model, audio_tower_info) -> None:
             fix=f"use --audio-encoder {model_info.name} with the weights the model was trained on")
 
 
-SAME_CAPTION = 0.999  # a cosine this high is the query's own caption (a float16 copy of it)
-
-
 def closeness(vectors: np.ndarray, reference: np.ndarray, top: int = 5, chunk: int = 1024) -> np.ndarray:
-    """(Q,) how close each unit vector is to a reference set: the mean of its ``top`` largest cosines,
-    leaving out the reference's copy of the vector itself (cosine >= ``SAME_CAPTION``). Why: validation
-    captions can repeat training captions word for word (templated captions do); with their own copy
-    they would look closer than any new query can be, and a gate set on them would shut out new ones."""
+    """(Q,) how close each unit vector is to a reference set: the mean of its ``top`` largest cosines."""
     v, ref = np.asarray(vectors, np.float32), np.asarray(reference, np.float32)
     n = min(top, len(ref))
-    out = np.ones(len(v))  # a query whose only references are copies of itself is as close as can be
+    out = np.zeros(len(v))
     for a in range(0, len(v), chunk):
         c = v[a:a + chunk] @ ref.T
-        c[c >= SAME_CAPTION] = -np.inf
-        best = np.partition(c, c.shape[1] - n, axis=1)[:, -n:]
-        count = np.isfinite(best).sum(axis=1)
-        total = np.where(np.isfinite(best), best, 0.0).sum(axis=1)
-        out[a:a + chunk] = np.where(count > 0, total / np.maximum(count, 1), 1.0)
+        out[a:a + chunk] = np.partition(c, c.shape[1] - n, axis=1)[:, -n:].mean(axis=1)
     return out
 
 

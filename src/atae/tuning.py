@@ -131,11 +131,19 @@ def tune_on_dataset(dataset, audio_table, text_tower, *, model=None, text_table=
         w_curve = hybrid_weight_curve(adapter, bridge_scores, rel, k=k)
         out[scoring.EXTRA_HYBRID_WEIGHT] = max(w_curve, key=lambda wm: wm[1])[0]
         out["weight_curve"] = w_curve
-        reference = getattr(model, "caption_reference", None)
-        if reference is not None and len(reference):
-            closeness = scoring.closeness(model.encode_text(seqs), reference)
-            out[scoring.EXTRA_HYBRID_GATE] = float(closeness.min())
+        gate = gate_threshold(model, seqs)
+        if gate is not None:
+            out[scoring.EXTRA_HYBRID_GATE] = gate
     return out
+
+
+def gate_threshold(model, text_seqs) -> float | None:
+    """The hybrid's novelty gate for a model: the least closeness to its training captions among the
+    validation queries (token sequences ``text_seqs``); None for a model without a caption reference."""
+    reference = getattr(model, "caption_reference", None)
+    if reference is None or not len(reference) or not len(text_seqs):
+        return None
+    return float(scoring.closeness(model.encode_text(text_seqs), reference).min())
 
 
 def store_tuned(model, tuned: dict, out_dir, *, data: str | None = None) -> None:
