@@ -2,6 +2,8 @@
 
 import click
 
+from atae.cli.output import echo_lines
+
 
 @click.command()
 @click.option("--out", "out_dir", default="demo_out", show_default=True, type=click.Path(file_okay=False),
@@ -16,7 +18,7 @@ def demo(out_dir, seed, audio_encoder, text_encoder, max_epochs, no_progress):
     from atae.demo import run_demo
 
     run_demo(out_dir, seed=seed, audio_encoder=audio_encoder, text_encoder=text_encoder,
-             max_epochs=max_epochs, progress=not no_progress, log=click.echo)
+             max_epochs=max_epochs, progress=not no_progress, log=echo_lines)
 
 
 COMMANDS = [demo]
