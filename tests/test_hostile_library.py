@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 
 def _cli(*args):
     r = CliRunner().invoke(main, [str(a) for a in args])
-    out = r.output + (r.stderr if r.stderr_bytes is not None else "")
+    out = r.output  # stdout and stderr, interleaved
     assert "Traceback" not in out and (r.exception is None or isinstance(r.exception, SystemExit)), out
     return r.exit_code, out
 

@@ -15,6 +15,7 @@ paths separated by NUL bytes (``xargs -0``).
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import click
@@ -193,10 +194,10 @@ def _print(rows: list[dict], mode: str) -> None:
         echo_json(rows)
         return
     if mode == "print0":
-        out = click.get_binary_stream("stdout")
+        sys.stdout.flush()
         for r in rows:
-            out.write(os.fsencode(r["path"]) + b"\0")
-        out.flush()
+            sys.stdout.buffer.write(os.fsencode(r["path"]) + b"\0")
+        sys.stdout.buffer.flush()
         return
     if mode == "paths":
         bad = [r for r in rows if not is_clean(r["path"])]
