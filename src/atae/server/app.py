@@ -148,7 +148,8 @@ class _Guard:
         origin = headers.get("origin")
         if origin is not None:
             o = urlsplit(origin)
-            if origin == "null" or o.scheme not in ("http", "https") or o.netloc.lower() != host.lower():
+            same = o.scheme == scope.get("scheme", "http") and o.netloc.lower() == host.lower()
+            if origin == "null" or not same:
                 return _err(403, "cross-origin request refused: another web page cannot use this server",
                             "use the search page this server serves")
         site, mode = headers.get("sec-fetch-site"), headers.get("sec-fetch-mode")
