@@ -9,9 +9,9 @@ from pathlib import Path
 def wav_header(rate: int, channels: int = 1, bits: int = 16, data_bytes: int = 0) -> bytes:
     """A canonical 44-byte PCM WAV header that declares ``data_bytes`` of samples at ``rate`` Hz."""
     block = channels * bits // 8
-    fmt = struct.pack("<HHIIHH", 1, channels, rate, rate * block, block, bits)
-    return (b"RIFF" + struct.pack("<I", 36 + data_bytes) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt
-            + b"data" + struct.pack("<I", data_bytes))
+    fmt = struct.pack("<HHIIHH", 1, channels, rate, (rate * block) & 0xFFFFFFFF, block, bits)
+    return (b"RIFF" + struct.pack("<I", (36 + data_bytes) & 0xFFFFFFFF) + b"WAVE" + b"fmt "
+            + struct.pack("<I", 16) + fmt + b"data" + struct.pack("<I", data_bytes))
 
 
 def lying_wav(path: Path, *, rate: int, seconds: float, channels: int = 1, bits: int = 16) -> Path:
@@ -42,3 +42,14 @@ CONTROL_NAMES = {
 def printable_output(text: str) -> bool:
     """True when ``text`` holds nothing a terminal would act on: only printable characters and line ends."""
     return all(c == "\n" or c.isprintable() for c in text)
+
+
+def without_root_overrides():
+    """preexec_fn for a child that keeps uid 0 but loses what lets root read any folder
+    (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, dropped from the bounding set so exec cannot restore them)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # 24: PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")

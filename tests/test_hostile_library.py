@@ -19,7 +19,7 @@ import cli_child  # registers the fake towers `bands` and `words`
 from atae.cli import main
 from atae.errors import AudioError, LibraryError
 from atae.library import Library
-from hostile_files import lying_wav
+from hostile_files import lying_wav, without_root_overrides
 from library_fakes import FREQS, SR, BandTower, IdentityModel, WordTower, write_tone
 
 HERE = Path(__file__).resolve().parent
@@ -104,20 +104,9 @@ def test_absurd_header_is_refused_at_once_by_every_path(tmp_path, sounds, rate, 
 
 # --- folders that cannot be read ---------------------------------------------------------------------------
 
-def _without_root_overrides():
-    """preexec_fn for a child that keeps uid 0 but loses what lets root read any folder
-    (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, dropped from the bounding set so exec cannot restore them)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (1, 2):
-        if libc.prctl(24, cap, 0, 0, 0) != 0:  # 24: PR_CAPBSET_DROP
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
-
-
 def _run_cli_process(args):
     """`atae ARGS` in a process of its own that, even when run as root, is refused unreadable folders."""
-    pre = _without_root_overrides if os.geteuid() == 0 else None
+    pre = without_root_overrides if os.geteuid() == 0 else None
     return subprocess.run([sys.executable, str(HERE / "cli_child.py"), *map(str, args)], capture_output=True,
                           text=True, timeout=120, preexec_fn=pre, env=cli_child.child_env())
 

@@ -256,7 +256,11 @@ class Library:
     def stored_tower_info(self):
         from atae.towers.base import TowerInfo
 
-        return TowerInfo.from_dict(self.db.get_meta_json("audio_tower"))
+        try:
+            return TowerInfo.from_dict(self.db.get_meta_json("audio_tower"))
+        except (TypeError, KeyError, ValueError, AttributeError):
+            raise LibraryError("the library's 'audio_tower' record is corrupt", path=self.root,
+                               fix="restore the library from a backup, or index into a new --db") from None
 
     @property
     def audio_tower_key(self) -> str:

@@ -221,7 +221,11 @@ class LibraryDB:
 
     def get_meta_json(self, key: str):
         v = self.get_meta(key)
-        return None if v is None else json.loads(v)
+        try:
+            return None if v is None else json.loads(v)
+        except ValueError:
+            raise LibraryError(f"the library's {key!r} record is corrupt", path=self.path,
+                               fix="restore the library from a backup, or index into a new --db") from None
 
     def set_meta(self, key: str, value, *, as_json: bool = False) -> None:
         v = json.dumps(value, sort_keys=True) if as_json else str(value)

@@ -130,7 +130,11 @@ def _consider(path: str, allow, seen_files, res: ScanResult, explicit: bool = Fa
         return
     try:
         st = os.stat(path)
-    except OSError:  # vanished since it was listed
+    except (FileNotFoundError, NotADirectoryError):  # vanished since it was listed
+        return
+    except OSError as exc:  # listed but not reachable: a folder that can be read but not entered
+        res.problems.append((path, f"cannot be checked ({exc.strerror or exc}); {_FIX_PERMS}"))
+        res.blind.append(path)
         return
     key = (st.st_dev, st.st_ino)
     if key in seen_files:

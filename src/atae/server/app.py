@@ -164,13 +164,26 @@ class _Guard:
         refusal = self._refusal(scope)
         if refusal is not None:
             return await _send_with(refusal, send)
+        scope = _without_bad_range(scope)
         started = False
+        held: dict | None = None  # an error response that is not JSON yet (Starlette's own, plain text)
+        body = b""
 
         async def send_with_headers(msg):
-            nonlocal started
+            nonlocal started, held, body
             if msg["type"] == "http.response.start":
                 started = True
+                ctype = dict(msg.get("headers", [])).get(b"content-type", b"")
+                if msg["status"] >= 400 and not ctype.startswith(b"application/json"):
+                    held = msg
+                    return
                 msg = {**msg, "headers": list(msg.get("headers", [])) + _SECURITY_HEADERS}
+            elif held is not None and msg["type"] == "http.response.body":
+                body += msg.get("body", b"")
+                if msg.get("more_body"):
+                    return
+                text = body.decode("utf-8", "replace").strip()[:300] or "request refused"
+                return await _send_with(_err(held["status"], text), send)
             await send(msg)
 
         if not self.limit or scope["method"] != "POST":
@@ -206,6 +219,18 @@ class _Guard:
             "use a shorter example sound (a few seconds is enough)",
         )
         await resp({"type": "http"}, None, send)
+
+
+_RANGE = re.compile(r"bytes=\s*(\d*-\d*)(\s*,\s*\d*-\d*)*\s*")
+
+
+def _without_bad_range(scope):
+    """A malformed Range header is ignored (RFC 9110 allows it): the whole file is served."""
+    headers = scope.get("headers", [])
+    for k, v in headers:
+        if k == b"range" and not _RANGE.fullmatch(v.decode("latin-1")):
+            return {**scope, "headers": [(a, b) for a, b in headers if a != b"range"]}
+    return scope
 
 
 async def _send_with(resp: JSONResponse, send) -> None:
