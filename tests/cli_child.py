@@ -13,6 +13,7 @@ time after "ready" is the command's own work.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -42,7 +43,17 @@ def register() -> None:
     registry.TEXT_TOWERS.setdefault("words", "cli_child:Words")
 
 
-register()
+@contextlib.contextmanager
+def towers_registered():
+    """The fake towers registered for the block only (a test must not change the registry for others)."""
+    tables = ((registry.AUDIO_TOWERS, "bands"), (registry.TEXT_TOWERS, "words"))
+    added = [(t, k) for t, k in tables if k not in t]
+    register()
+    try:
+        yield
+    finally:
+        for table, key in added:
+            table.pop(key, None)
 
 
 def child_env(**extra) -> dict:
@@ -123,6 +134,7 @@ def _zygote() -> None:
 
 
 if __name__ == "__main__":
+    register()
     if sys.argv[1:] == ["--zygote"]:
         _zygote()
         sys.exit(0)

@@ -116,6 +116,9 @@ def markdown_table(results: list[tuple[Case, Outcome]]) -> str:
 if __name__ == "__main__":
     import tempfile
 
+    import cli_child
+
+    cli_child.register()
     results = []
     for case in CASES:
         with tempfile.TemporaryDirectory() as t:

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import cli_child  # noqa: F401 - registers the fake towers `bands` and `words`
 from hostile_files import printable_output
 from library_fakes import FREQS, write_tone
 

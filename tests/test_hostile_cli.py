@@ -23,6 +23,13 @@ from library_fakes import FREQS, write_tone
 HERE = Path(__file__).resolve().parent
 
 
+@pytest.fixture(autouse=True)
+def fake_towers():
+    """The fake towers `bands` and `words`, registered for each test only."""
+    with cli_child.towers_registered():
+        yield
+
+
 def _cli(*args):
     r = CliRunner().invoke(main, [str(a) for a in args])
     out = r.output  # stdout and stderr, interleaved

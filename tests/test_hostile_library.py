@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 from click.testing import CliRunner
 
-import cli_child  # registers the fake towers `bands` and `words`
+import cli_child
 from atae.cli import main
 from atae.errors import AudioError, LibraryError
 from atae.library import Library
@@ -23,6 +23,13 @@ from hostile_files import lying_wav, without_root_overrides
 from library_fakes import FREQS, SR, BandTower, IdentityModel, WordTower, write_tone
 
 HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(autouse=True)
+def fake_towers():
+    """The fake towers `bands` and `words`, registered for each test only."""
+    with cli_child.towers_registered():
+        yield
 
 
 def _cli(*args):

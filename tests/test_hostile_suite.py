@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 
+import cli_child
 from hostile_cases import CASES
+
+
+@pytest.fixture(autouse=True)
+def fake_towers():
+    with cli_child.towers_registered():
+        yield
 
 
 def test_the_suite_is_wide():

@@ -38,6 +38,13 @@ LOAD = 0.3  # seconds the fake tower takes to load, like real weights: a window 
 HORIZON = 0.9  # kill points are drawn over this fraction of an uninterrupted run (some land after its end)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def fake_towers():
+    """The fake towers `bands` and `words`, registered for this module only (its fixtures use them)."""
+    with cli_child.towers_registered():
+        yield
+
+
 def _cli(*args) -> tuple[int, str]:
     r = CliRunner().invoke(main, [str(a) for a in args])
     assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)

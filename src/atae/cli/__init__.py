@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from atae.cli.output import echo, error_line
+from atae.cli.output import echo, error_line, print_warnings_safely
 
 # module -> the click commands it defines (imported lazily so `atae --help` stays fast)
 _COMMAND_MODULES = [
@@ -25,7 +25,8 @@ _COMMAND_MODULES = [
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with print_warnings_safely():
+                return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except KeyboardInterrupt:

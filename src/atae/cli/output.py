@@ -10,7 +10,9 @@ traceback.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+import warnings
 
 import click
 
@@ -18,7 +20,7 @@ from atae.errors import AtaeError, DiskFullError
 from atae.io import disk_full
 from atae.printable import dumps_json, escape
 
-__all__ = ["echo", "echo_lines", "echo_json", "error_line"]
+__all__ = ["echo", "echo_lines", "echo_json", "error_line", "print_warnings_safely"]
 
 
 def echo(message: object = "", *, err: bool = False, nl: bool = True, fg: str | None = None,
@@ -40,6 +42,19 @@ def echo_lines(text: object, **kwargs) -> None:
 
 def echo_json(obj, **kwargs) -> None:
     click.echo(dumps_json(obj, indent=2, **kwargs))
+
+
+@contextlib.contextmanager
+def print_warnings_safely():
+    """Route Python warnings (which may quote a file name) through ``echo``: one escaped line each."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        echo(f"warning: {message}", err=True, fg="yellow")
+
+    old, warnings.showwarning = warnings.showwarning, show
+    try:
+        yield
+    finally:
+        warnings.showwarning = old
 
 
 def error_line(exc: BaseException) -> str | None:

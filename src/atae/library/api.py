@@ -27,7 +27,7 @@ import numpy as np
 
 from atae.errors import LibraryError, ModelError, QueryError
 from atae.library import indexer as _indexer
-from atae.library.db import LibraryDB, is_missing
+from atae.library.db import LibraryDB
 from atae.library.lock import WriterLock
 from atae.library.vectors import HNSW_THRESHOLD, TOMBSTONE_REBUILD_FRACTION, VectorIndex, choose_kind
 from atae.query import clean_query
@@ -495,16 +495,11 @@ class Library:
         was renamed or deleted) with their vectors; returns their paths. A file that merely cannot be
         checked (no permission, I/O error) is kept. ``dry_run``: only list them."""
         with self._lock, self._write(wait=wait):
-            gone = [(fid, p) for fid, p in self.db.all_paths() if is_missing(p)]
-            if dry_run or not gone:
-                return [p for _, p in gone]
-            seg_ids = self.db.segment_ids_of([fid for fid, _ in gone])
-            with self.db.transaction():
-                self.db.delete_files([fid for fid, _ in gone])
-            self.drop_vectors(seg_ids)
-            self._refresh(force=True)
-            self.save_index()
-        return [p for _, p in gone]
+            gone = _indexer.prune(self, dry_run=dry_run)
+            if gone and not dry_run:
+                self._refresh(force=True)
+                self.save_index()
+        return gone
 
     def stats(self) -> dict:
         with self._lock:

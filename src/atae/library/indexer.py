@@ -284,6 +284,19 @@ def run_index(lib, roots, *, exts=None, progress: bool = True, batch_files: int 
     return rep
 
 
+def prune(lib, *, dry_run: bool = False) -> list[str]:
+    """Remove the files no longer on disk (``is_missing``) with their vectors (the caller holds the writer
+    lock); returns their paths."""
+    db = lib.db
+    gone = [(fid, p) for fid, p in db.all_paths() if is_missing(p)]
+    if gone and not dry_run:
+        seg_ids = db.segment_ids_of([fid for fid, _ in gone])
+        with db.transaction():
+            db.delete_files([fid for fid, _ in gone])
+        lib.drop_vectors(seg_ids)
+    return [p for _, p in gone]
+
+
 def missing_elsewhere(db, roots) -> tuple[int, str]:
     """(count, an example path) of indexed files outside ``roots`` whose folder no longer exists: one
     stat per folder, not per file."""
