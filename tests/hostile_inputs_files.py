@@ -362,6 +362,8 @@ def perm_case(setup, args_of, expect) -> Callable[[Path], Outcome]:
             return Outcome(False, short(out, tmp), out)
         if expect == "refused":
             return refused(code, out, "", tmp)
+        if expect == "works":
+            return Outcome(code == 0 and "low.wav" in out, "works", out)
         line = next((x for x in out.splitlines() if "Permission denied" in x), "")
         return Outcome(code == 0 and bool(line), short(line.strip(), tmp), out)
 
@@ -372,6 +374,12 @@ def _chmod(path: Path, mode: int):
     old = path.stat().st_mode & 0o7777
     os.chmod(path, mode)
     return lambda: os.chmod(path, old)
+
+
+def _read_only_library(tmp: Path, d: Path):
+    lib = tmp / "lib"
+    undo = [_chmod(p, 0o444) for p in lib.iterdir() if p.is_file()] + [_chmod(lib, 0o555)]
+    return lambda: [u() for u in reversed(undo)]
 
 
 PERMS = [
@@ -395,6 +403,13 @@ PERMS = [
         lambda tmp, d: (write_tone(d / "noexec" / "x.wav", 900.0), _chmod(d / "noexec", 0o644))[1],
         lambda tmp, d: ["index", d, "--db", tmp / "lib"],
         "reported",
+    ),
+    (
+        "readonly-library-search",
+        "search a library on read-only storage (folder and files without write permission)",
+        _read_only_library,
+        lambda tmp, d: ["search", "--db", tmp / "lib", "--audio", d / "low.wav", "--paths-only"],
+        "works",
     ),
     (
         "readonly-library-index",

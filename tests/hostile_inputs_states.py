@@ -209,7 +209,16 @@ STATES = [
         "works",
         None,
     ),
-    ("vectors-dir", "the FAISS file is a folder", _damage_vectors(None), _reads_and_index, "refused", None),
+    ("vectors-dir-read", "the FAISS file is a folder: reads work", _damage_vectors(None), _reads, "works",
+     None),
+    (
+        "vectors-dir-index",
+        "the FAISS file is a folder: index refuses",
+        _damage_vectors(None),
+        lambda tmp, lib: [("index", tmp / "sounds", "--db", lib)],
+        "refused",
+        "cannot write the vector index",
+    ),
     (
         "lock-dir",
         "LIB/lock is a folder (index refuses, reads work)",
@@ -247,13 +256,11 @@ STATES = [
         "the model folder changed after indexing",
         lambda tmp: _model_library(
             tmp,
-            lambda run: (run / "config.json").write_text(
-                (run / "config.json").read_text().replace("}", ', "tampered": 1}', 1)
-            ),
+            lambda run: (run / "config.json").write_text((run / "config.json").read_text() + "\n"),
         ),
         lambda tmp, lib: [("search", "--db", lib, "high")],
         "refused",
-        None,
+        "changed since the library was indexed",
     ),
     (
         "index-missing-root",
@@ -266,7 +273,9 @@ STATES = [
 ]
 
 
-def _model_library(tmp: Path, damage) -> Path:
+def _model_library(tmp: Path, damage=None) -> Path:
+    """A library indexed with a model whose adapters are the identity on the fake towers (so the words
+    'low', 'mid', 'high' find their tones), then ``damage(run)``."""
     import torch
 
     from atae.model import AlignedModel
@@ -278,10 +287,12 @@ def _model_library(tmp: Path, damage) -> Path:
             p.copy_(torch.eye(16) if p.ndim == 2 else torch.zeros_like(p))
     m.save(tmp / "run")
     d = tmp / "sounds"
-    write_tone(d / "low.wav", FREQS["low"])
+    for name, f in FREQS.items():
+        write_tone(d / f"{name}.wav", f)
     code, out, tb = cli("index", d, "--db", tmp / "lib", "--model", tmp / "run")
     assert code == 0, out + tb
-    damage(tmp / "run")
+    if damage is not None:
+        damage(tmp / "run")
     return tmp / "lib"
 
 
@@ -374,7 +385,7 @@ def http_case(
         from atae.library import Library
         from atae.server.app import create_app
 
-        lib_dir = indexed_library(tmp)
+        lib_dir = _model_library(tmp)  # text search works, so each case tests what it names
         with (
             Library.open(lib_dir) as lib,
             TestClient(

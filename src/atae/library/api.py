@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from atae.errors import LibraryError, ModelError, QueryError
+from atae.errors import AtaeError, LibraryError, ModelError, QueryError
 from atae.library import indexer as _indexer
 from atae.library.db import LibraryDB
 from atae.library.lock import WriterLock
@@ -419,6 +419,8 @@ class Library:
             elif self._writer.try_acquire():
                 try:
                     self.save_index()
+                except (AtaeError, OSError):
+                    pass  # a reader's repair is a cache: searching goes on without persisting it
                 finally:
                     self._writer.release()
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from atae.errors import DiskFullError, LibraryError
+from atae.errors import AtaeError, DiskFullError, LibraryError
 
 SCHEMA_VERSION = 1
 DB_NAME = "library.sqlite"
@@ -100,6 +100,11 @@ def is_missing(path: str) -> bool:
     return False
 
 
+def _is_read_only(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code in (8, 14) or "readonly" in str(exc) or "unable to open" in str(exc)  # READONLY, CANTOPEN
+
+
 def _is_full(exc: BaseException) -> bool:
     return getattr(exc, "sqlite_errorcode", None) == 13 or "disk is full" in str(exc)  # 13: SQLITE_FULL
 
@@ -146,14 +151,39 @@ class LibraryDB:
         if self.path.exists() and not self.path.is_file():
             raise LibraryError("library.sqlite is not a file", path=self.path,
                                fix="point --db at a folder made by `atae index`")
+        self.read_only = False
         try:
-            self.conn = sqlite3.connect(
-                str(self.path), timeout=60.0, isolation_level=None, check_same_thread=False
+            version = self._connect(create)
+        except sqlite3.DatabaseError as exc:
+            if not create and _is_read_only(exc):
+                version = self._connect_read_only(exc)
+            else:
+                raise self._error(exc, create) from exc
+        if version is None:
+            raise LibraryError(
+                "this library is unfinished: an `atae index` into it stopped before it was set up",
+                path=self.root,
+                fix=_UNFINISHED_FIX,
             )
+        if not str(version).isdigit():
+            raise LibraryError(f"library schema version {version!r} is not one atae wrote", path=self.path,
+                               fix="the file is damaged: restore it from a backup, or index into a new --db")
+        if int(version) > SCHEMA_VERSION:
+            raise LibraryError(
+                f"library schema {version} is newer than this atae ({SCHEMA_VERSION})",
+                path=self.path,
+                fix="upgrade atae",
+            )
+
+    def _connect(self, create: bool) -> str | None:
+        """Open the file (refusing a foreign one before changing anything), set it up when ``create``;
+        returns the schema version."""
+        self.conn = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None,
+                                    check_same_thread=False)
+        try:
             tables = self._tables()
             foreign = sorted(tables - _OWN_TABLES)
             if foreign or ("meta" in tables and self._columns("meta") != ["key", "value"]):
-                self.conn.close()
                 raise LibraryError(
                     f"library.sqlite is not an atae library (it holds the tables "
                     f"{', '.join(foreign) or 'meta'})",
@@ -173,27 +203,38 @@ class LibraryDB:
                     + f"INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', '{SCHEMA_VERSION}');"
                     + "COMMIT;"
                 )
-            version = self.get_meta("schema_version")
-        except sqlite3.DatabaseError as exc:
-            if _is_full(exc):
-                raise DiskFullError(self.path) from exc
-            raise LibraryError(
-                f"library database is unreadable ({exc})",
-                path=self.path,
-                fix="restore it from a backup or delete the folder and index again",
-            ) from exc
-        if version is None:
-            raise LibraryError(
-                "this library is unfinished: an `atae index` into it stopped before it was set up",
-                path=self.root,
-                fix=_UNFINISHED_FIX,
-            )
-        if not str(version).isdigit() or int(version) > SCHEMA_VERSION:
-            raise LibraryError(
-                f"library schema {version} is newer than this atae ({SCHEMA_VERSION})",
-                path=self.path,
-                fix="upgrade atae",
-            )
+            return self.get_meta("schema_version")
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def _connect_read_only(self, first: sqlite3.DatabaseError) -> str | None:
+        """A library on read-only storage: SQLite cannot make the WAL's shared-memory file there, so it is
+        read through a read-only URI (immutable as a last resort: nobody can write to it either)."""
+        from urllib.parse import quote
+
+        for opts in ("mode=ro", "mode=ro&immutable=1"):
+            try:
+                self.conn = sqlite3.connect(f"file:{quote(str(self.path))}?{opts}", uri=True, timeout=60.0,
+                                            isolation_level=None, check_same_thread=False)
+                tables = self._tables()
+                if tables - _OWN_TABLES:
+                    raise self._error(first, False)
+                self.read_only = True
+                return self.get_meta("schema_version")
+            except sqlite3.DatabaseError:
+                self.conn.close()
+        raise self._error(first, False)
+
+    def _error(self, exc: sqlite3.DatabaseError, create: bool) -> AtaeError:
+        if _is_full(exc):
+            return DiskFullError(self.path)
+        if _is_read_only(exc):
+            return LibraryError(f"cannot {'write to' if create else 'open'} the library ({exc})",
+                                path=self.path,
+                                fix="check the permissions of the library folder and its files")
+        return LibraryError(f"library database is unreadable ({exc})", path=self.path,
+                            fix="restore it from a backup or delete the folder and index again")
 
     def _tables(self) -> set[str]:
         return {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}

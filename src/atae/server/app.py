@@ -30,6 +30,7 @@ import os
 import re
 import tempfile
 import time
+from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -182,7 +183,8 @@ class _Guard:
                 body += msg.get("body", b"")
                 if msg.get("more_body"):
                     return
-                text = body.decode("utf-8", "replace").strip()[:300] or "request refused"
+                text = body.decode("utf-8", "replace").strip()[:300]
+                text = text or HTTPStatus(held["status"]).phrase.lower()
                 return await _send_with(_err(held["status"], text), send)
             await send(msg)
 
