@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-if __name__ == "__main__":
-    sys.path[:0] = [str(HERE.parent / "src"), str(HERE)]
+if __name__ == "__main__":  # ATAE_TEST_SRC: another tree's src, e.g. to count what an older atae handled
+    sys.path[:0] = [os.environ.get("ATAE_TEST_SRC", str(HERE.parent / "src")), str(HERE)]
 
 from hostile_inputs_files import (  # noqa: E402
     AUDIO,

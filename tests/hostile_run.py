@@ -74,9 +74,22 @@ def no_crash(code: int, out: str, tb: str) -> bool:
 
 
 def escaped(s: str) -> str:
-    from atae.printable import escape
+    """How a name must look when printed, computed here by Unicode category (not by atae's helper):
+    controls, format characters, surrogates, unassigned and separators other than the space escaped."""
+    import unicodedata
 
-    return escape(s)
+    out = []
+    for c in s:
+        o = ord(c)
+        if c == " " or unicodedata.category(c) not in {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"}:
+            out.append(c)
+        elif c in "\n\r\t":
+            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}[c])
+        elif 0xDC80 <= o <= 0xDCFF:
+            out.append(f"\\x{o - 0xDC00:02x}")
+        else:
+            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
+    return "".join(out)
 
 
 def indexed_library(tmp: Path) -> Path:
