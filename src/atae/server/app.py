@@ -185,7 +185,11 @@ class _Guard:
                     return
                 text = body.decode("utf-8", "replace").strip()[:300]
                 text = text or HTTPStatus(held["status"]).phrase.lower()
-                return await _send_with(_err(held["status"], text), send)
+                resp = _err(held["status"], text)
+                for k, v in held.get("headers", []):  # e.g. Content-Range of a 416
+                    if k.lower() not in (b"content-type", b"content-length"):
+                        resp.headers.append(k.decode("latin-1"), v.decode("latin-1"))
+                return await _send_with(resp, send)
             await send(msg)
 
         if not self.limit or scope["method"] != "POST":
