@@ -126,6 +126,8 @@ if __name__ == "__main__":
             with contextlib.redirect_stderr(io.StringIO()):
                 try:
                     o = case.run(Path(t))
+                except KeyboardInterrupt:
+                    raise
                 except BaseException as e:  # noqa: BLE001 - a skip or a crash: reported as not handled
                     o = Outcome(False, f"{type(e).__name__}: {e}"[:150])
             results.append((case, o))

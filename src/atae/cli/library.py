@@ -147,7 +147,8 @@ def index(
 @click.option("--json", "as_json", is_flag=True, help="Print the removed paths as JSON.")
 def prune(db, dry_run, wait, as_json):
     """Remove files that are no longer on disk (e.g. under a renamed or deleted folder) from the library.
-    Files that exist but cannot be checked (permissions) are kept."""
+    Files that exist but cannot be checked (permissions) are kept; a drive that is not mounted looks
+    gone, so look with --dry-run first."""
     from atae.library import Library
 
     with Library.open(db) as lib:
