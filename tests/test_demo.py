@@ -89,7 +89,7 @@ def test_demo_ends_with_commands_that_index_and_serve(demo_run, monkeypatch):
     r = CliRunner().invoke(main, shlex.split(index_cmd)[1:], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     db = shlex.split(serve_cmd)[shlex.split(serve_cmd).index("--db") + 1]
-    with Library.open(db) as lib, TestClient(create_app(lib)) as client:
+    with Library.open(db) as lib, TestClient(create_app(lib), base_url="http://127.0.0.1:8000") as client:
         n = client.get("/api/stats").json()["files"]
         assert n == sum(1 for _ in (out / "corpus" / "audio").glob("*.wav"))
         answers = [client.get("/api/search", params={"q": q, "k": 1}).json() for q in EXAMPLE_QUERIES]

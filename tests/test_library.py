@@ -316,19 +316,20 @@ def test_bridge_scorer_needs_a_tagging_tower(tmp_path, sounds):
 def test_unreadable_file_is_reported_and_retried(tmp_path, sounds, monkeypatch):
     from atae.library import indexer
 
-    real = indexer.fast_hash
+    real = indexer.content_hash
     target = str(sounds / "mid.wav")
 
-    def denied(path, size=None):
+    def denied(path):
         if str(path) == target:
             raise PermissionError(13, "Permission denied", path)
-        return real(path, size)
+        return real(path)
 
-    monkeypatch.setattr(indexer, "fast_hash", denied)
+    monkeypatch.setattr(indexer, "content_hash", denied)
     lib = _open(tmp_path / "lib")
     rep = lib.add([sounds])
     assert rep.new == 3 and [(p, "Permission denied" in why) for p, why in rep.failed] == [(target, True)]
-    monkeypatch.setattr(indexer, "fast_hash", real)  # permissions fixed: picked up without any mtime change
+    # permissions fixed: picked up without any mtime change
+    monkeypatch.setattr(indexer, "content_hash", real)
     rep = lib.add([sounds])
     assert rep.new == 1 and rep.failed == []
 

@@ -26,6 +26,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from atae.server.app import create_app  # noqa: E402
 
+LOCAL = "http://127.0.0.1:8000"  # the server answers only to the host it is bound to
+
 
 class NoHead(BandTower):
     name = "nohead"
@@ -107,7 +109,7 @@ def test_tower_without_head_refuses_bridge_and_hybrid_everywhere(tmp_path, sound
         with pytest.raises(QueryError, match="no AudioSet head"):
             lib.search("high", scorer=name)
     assert lib.search("high", k=1)[0].path.endswith("high.wav")  # the adapter still works
-    with TestClient(create_app(lib), raise_server_exceptions=False) as c:
+    with TestClient(create_app(lib), raise_server_exceptions=False, base_url=LOCAL) as c:
         r = c.get("/api/search", params={"q": "high", "scorer": "bridge"})
         assert r.status_code == 400 and "no AudioSet head" in r.json()["error"]
         assert c.get("/api/search", params={"q": "high", "scorer": "nonsense"}).status_code == 400
@@ -152,7 +154,7 @@ def test_model_from_another_tower_is_refused(tmp_path, sounds):
     lib._model = OtherTowerModel()  # e.g. the model folder was swapped for one of another tower
     with pytest.raises(QueryError, match="trained on audio tower 'other'"):
         lib.search("high", scorer="hybrid")
-    with TestClient(create_app(lib), raise_server_exceptions=False) as c:
+    with TestClient(create_app(lib), raise_server_exceptions=False, base_url=LOCAL) as c:
         r = c.get("/api/search", params={"q": "high", "scorer": "hybrid"})
         assert r.status_code == 400 and "trained on audio tower 'other'" in r.json()["error"]
     lib.close()
@@ -164,7 +166,7 @@ def test_query_without_words_is_refused(tmp_path, sounds, query):
     for name in ("adapter", "bridge", "hybrid"):
         with pytest.raises(QueryError, match="no words"):
             lib.search(query, scorer=name)
-    with TestClient(create_app(lib), raise_server_exceptions=False) as c:
+    with TestClient(create_app(lib), raise_server_exceptions=False, base_url=LOCAL) as c:
         for name in ("adapter", "bridge"):
             r = c.get("/api/search", params={"q": query, "scorer": name})
             assert r.status_code == 400 and "no words" in r.json()["error"]

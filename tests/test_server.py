@@ -16,6 +16,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 from atae.library import Library  # noqa: E402
 from atae.server.app import create_app  # noqa: E402
 
+LOCAL = "http://127.0.0.1:8000"  # the server answers only to the host it is bound to
+
 
 @pytest.fixture
 def lib(tmp_path):
@@ -33,7 +35,8 @@ def lib(tmp_path):
 
 @pytest.fixture
 def client(lib):
-    with TestClient(create_app(lib, max_upload_bytes=200_000), raise_server_exceptions=False) as c:
+    app = create_app(lib, max_upload_bytes=200_000)
+    with TestClient(app, raise_server_exceptions=False, base_url=LOCAL) as c:
         yield c
 
 
@@ -186,7 +189,7 @@ def test_text_search_without_model_explains(tmp_path):
     write_tone(d / "a.wav", 440.0)
     lib = Library.open(tmp_path / "lib", create=True, audio_tower=BandTower())
     lib.add([d])
-    with TestClient(create_app(lib), raise_server_exceptions=False) as c:
+    with TestClient(create_app(lib), raise_server_exceptions=False, base_url=LOCAL) as c:
         r = c.get("/api/search", params={"q": "a bell"})
         assert (
             r.status_code == 400 and "trained model" in r.json()["error"] and "atae train" in r.json()["fix"]

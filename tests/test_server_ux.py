@@ -33,7 +33,7 @@ def lib(tmp_path):
 
 @pytest.fixture
 def client(lib):
-    with TestClient(create_app(lib), raise_server_exceptions=False) as c:
+    with TestClient(create_app(lib), raise_server_exceptions=False, base_url="http://127.0.0.1:8000") as c:
         yield c
 
 

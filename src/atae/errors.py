@@ -10,6 +10,7 @@ class AtaeError(Exception):
 
     def __init__(self, message: str, *, path: str | Path | None = None, fix: str | None = None):
         self.path = str(path) if path is not None else None
+        self.message = message
         self.fix = fix
         parts = []
         if self.path:
@@ -42,3 +43,16 @@ class LibraryError(AtaeError):
 
 class QueryError(AtaeError):
     """A search query is empty, too long, or otherwise unusable."""
+
+
+DISK_FULL_FIX = "free space and run the same command again"
+
+
+class DiskFullError(AtaeError):
+    """No space left where a result was being written. Every write is atomic or transactional, so what
+    was finished is intact and the same command resumes."""
+
+    def __init__(self, path: str | Path | None):
+        super().__init__("disk full", path=path, fix=DISK_FULL_FIX)
+        where = f" at {self.path}" if self.path else ""
+        Exception.__init__(self, f"disk full{where}: {DISK_FULL_FIX}")

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from atae.errors import AtaeError
+from atae.cli.output import echo, error_line, print_warnings_safely
 
 # module -> the click commands it defines (imported lazily so `atae --help` stays fast)
 _COMMAND_MODULES = [
@@ -26,14 +26,20 @@ _COMMAND_MODULES = [
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
-        except AtaeError as e:
-            click.secho(f"error: {e}", fg="red", err=True)
-            sys.exit(2)
+            with print_warnings_safely():
+                return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
         except KeyboardInterrupt:
-            click.secho("interrupted: work done so far is kept; run the same command again to resume",
-                        fg="yellow", err=True)
+            echo("interrupted: work done so far is kept; run the same command again to resume",
+                 fg="yellow", err=True)
             sys.exit(130)
+        except Exception as e:
+            line = error_line(e)
+            if line is None:
+                raise
+            echo(f"error: {line}", fg="red", err=True)
+            sys.exit(2)
 
 
 @click.group(cls=_Group)

@@ -2,6 +2,8 @@
 
 import click
 
+from atae.cli.output import echo, echo_lines
+
 
 @click.command()
 @click.option("--out", "out_dir", default="demo_out", show_default=True, type=click.Path(file_okay=False),
@@ -20,18 +22,17 @@ def demo(out_dir, seed, audio_encoder, text_encoder, max_epochs, no_progress, se
     from atae.demo import demo_library, run_demo
 
     run_demo(out_dir, seed=seed, audio_encoder=audio_encoder, text_encoder=text_encoder,
-             max_epochs=max_epochs, progress=not no_progress, log=click.echo)
+             max_epochs=max_epochs, progress=not no_progress, log=echo_lines)
     if not serve:
         return
     import sys
 
     from atae.server.run import serve_library
 
-    click.echo("indexing the demo corpus for the search page...")
+    echo("indexing the demo corpus for the search page...")
     lib = demo_library(out_dir, progress=not no_progress and sys.stderr.isatty())
     try:
-        serve_library(lib, "127.0.0.1", port, log=click.echo,
-                      warn=lambda m: click.secho(m, fg="yellow", err=True))
+        serve_library(lib, "127.0.0.1", port, log=echo, warn=lambda m: echo(m, fg="yellow", err=True))
     finally:
         lib.close()
 

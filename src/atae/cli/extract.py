@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from atae.cli.options import device_option
+from atae.cli.output import echo, echo_lines
 
 
 @click.command()
@@ -42,22 +43,22 @@ def extract(csv_path, audio_dir, out, audio_encoder, audio_weights, text_encoder
     dev = resolve_device(device)  # first: a device that is not there fails before any work
     dataset = read_caption_csv(csv_path, audio_dir)
     for p in dataset.problems:
-        click.secho(f"warning: {p}", fg="yellow", err=True)
+        echo(f"warning: {p}", fg="yellow", err=True)
     if audio_encoder is None or text_encoder is None:
         default_audio, default_text = default_towers()
         audio_encoder = audio_encoder or default_audio
         text_encoder = text_encoder or default_text
     audio_tower = get_audio_tower(audio_encoder, audio_weights, device=str(dev))
     text_tower = get_text_tower(text_encoder, text_weights, device=str(dev))
-    click.echo(f"towers: audio {audio_tower.info.key()}  text {text_tower.info.key()}  on {dev}")
+    echo(f"towers: audio {audio_tower.info.key()}  text {text_tower.info.key()}  on {dev}")
     batch_size = batch_size or default_batch(dev, 16, 64)
     audio, text, report = ensure_dataset_features(dataset, audio_tower, text_tower, out, progress=progress,
                                                   batch_size=batch_size, engine=engine,
                                                   ray_address=ray_address, workers=workers)
-    click.echo(f"{dataset.name}: {len(dataset.clips)} clips, "
+    echo(f"{dataset.name}: {len(dataset.clips)} clips, "
                f"{sum(len(c.captions) for c in dataset.clips)} captions -> {out}")
-    click.echo(report.summary())
-    click.echo(f"cached: {len(audio)} clips in {audio.folder}, {len(text)} captions in {text.folder}")
+    echo_lines(report.summary())
+    echo(f"cached: {len(audio)} clips in {audio.folder}, {len(text)} captions in {text.folder}")
 
 
 COMMANDS = [extract]

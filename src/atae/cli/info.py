@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from atae import inventory
-
-
-def _p(text) -> str:
-    """Untrusted text (a path) made printable: control characters shown as escapes."""
-    s = str(text)
-    return s if s.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
-
+from atae.cli.output import echo, echo_json
 
 SCORER_WORDS = {"adapter": "trained model", "bridge": "zero-shot tags", "hybrid": "model + tags"}
 
@@ -32,30 +24,30 @@ def info(models, dbs, as_json):
               "models": [inventory.model(m) for m in models],
               "libraries": [inventory.library(d) for d in dbs]}
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        echo_json(report)
         return
-    click.echo(f"weights folder ($ATAE_HOME/weights): {_p(report['atae_home'])}/weights")
+    echo(f"weights folder ($ATAE_HOME/weights): {report['atae_home']}/weights")
     for kind in ("audio", "text"):
-        click.echo(f"\n{kind} towers:")
+        echo(f"\n{kind} towers:")
         for t in (t for t in report["towers"] if t["kind"] == kind):
             size = f" ({t['size'] / 1e6:.0f} MB)" if t["size"] and t["size"] < 1e9 else ""
             mark = "  <- atae index uses this" if t["default"] else ""
-            click.echo(f"  {t['name']:20s} {'installed' if t['installed'] else 'not installed'}{mark}")
-            click.echo(f"  {'':20s} {t['enables']}")
-            where = _p(t["path"]) if t["installed"] else f"get it: {t['how']}{size}"
-            click.echo(f"  {'':20s} {where}")
+            echo(f"  {t['name']:20s} {'installed' if t['installed'] else 'not installed'}{mark}")
+            echo(f"  {'':20s} {t['enables']}")
+            where = t["path"] if t["installed"] else f"get it: {t['how']}{size}"
+            echo(f"  {'':20s} {where}")
     for m in report["models"]:
-        click.echo(f"\nmodel {_p(m['path'])}: enables {', '.join(m['enables'])}")
+        echo(f"\nmodel {m['path']}: enables {', '.join(m['enables'])}")
         for kind, t in m["towers"].items():
-            state = f"weights here: {_p(t['path'])}" if t["found"] else _p(t["problem"])
-            click.echo(f"  {kind} tower {t['name']}: {state}")
+            state = f"weights here: {t['path']}" if t["found"] else t["problem"]
+            echo(f"  {kind} tower {t['name']}: {state}")
     for lib in report["libraries"]:
-        click.echo(f"\nlibrary {_p(lib['path'])}: {lib['files']} files, {lib['hours']:.2f} h, audio tower "
-                   f"{lib['audio_tower']}, model {_p(lib['model'] or 'none')}")
+        echo(f"\nlibrary {lib['path']}: {lib['files']} files, {lib['hours']:.2f} h, audio tower "
+             f"{lib['audio_tower']}, model {lib['model'] or 'none'}")
         for name in lib["scorers"]:
-            click.echo(f"  {SCORER_WORDS[name]} ({name}){'  <- default' if name == lib['default'] else ''}")
+            echo(f"  {SCORER_WORDS[name]} ({name}){'  <- default' if name == lib['default'] else ''}")
         for name, why in lib["unavailable"].items():
-            click.echo(f"  {SCORER_WORDS[name]} ({name}): not available, {_p(why)}")
+            echo(f"  {SCORER_WORDS[name]} ({name}): not available, {why}")
 
 
 doctor = click.Command("doctor", callback=info.callback, params=info.params, help=info.help, hidden=True)

@@ -1,10 +1,11 @@
-"""`atae index` and `atae serve`: build/update a sound library, and browse it in a web page."""
+"""`atae index`, `atae prune` and `atae serve`: build/update a sound library, drop files that are gone,
+and browse it in a web page."""
 
 from __future__ import annotations
 
-import json
-
 import click
+
+from atae.cli.output import echo, echo_json
 
 
 @click.command("index")
@@ -94,7 +95,7 @@ def index(
             gain = ("a tower as strong and eight times faster" if audio_encoder == "cnn14" else
                     "a stronger tower with AudioSet tags: text search with no training, and tags that "
                     "explain each result")
-            click.secho(
+            echo(
                 f"note: indexing with the {audio_encoder} audio tower; `atae weights fetch efficientat-mn04` "
                 f"(4 MB) gives {gain} (then index into a new --db)",
                 fg="yellow",
@@ -114,30 +115,67 @@ def index(
         rep = lib.add(list(dirs), exts=ext, progress=progress and sys.stderr.isatty(), wait=wait)
         stats = lib.stats()
     if as_json:
-        click.echo(json.dumps({"report": rep.to_dict(), "library": stats}, indent=2))
+        echo_json({"report": rep.to_dict(), "library": stats})
         return
-    click.echo(rep.summary())
-    click.echo(
+    echo(rep.summary())
+    echo(
         f"library: {stats['files']} files, {stats['segments']} segments, {stats['hours']:.2f} h, "
         f"index {stats['index']}, space {stats['space']}"
     )
     if rep.failed:
-        click.secho(
+        echo(
             f"{len(rep.failed)} unreadable file(s) (kept out of the index; fixed files are retried):",
             fg="yellow",
             err=True,
         )
         for path, why in rep.failed[:25]:
-            click.echo(f"  {path}: {why}", err=True)
+            echo(f"  {path}: {why}", err=True)
         if len(rep.failed) > 25:
-            click.echo(f"  ... and {len(rep.failed) - 25} more (--json lists all)", err=True)
+            echo(f"  ... and {len(rep.failed) - 25} more (--json lists all)", err=True)
+    if rep.not_scanned:
+        echo(f"{len(rep.not_scanned)} path(s) not looked at:", fg="yellow", err=True)
+        for path, why in rep.not_scanned[:25]:
+            echo(f"  {path}: {why}", err=True)
+        if len(rep.not_scanned) > 25:
+            echo(f"  ... and {len(rep.not_scanned) - 25} more (--json lists all)", err=True)
     for path, why in rep.skipped[:25]:
-        click.secho(f"  skipped {path}: {why}", fg="yellow", err=True)
+        echo(f"  skipped {path}: {why}", fg="yellow", err=True)
     if rep.previously_failed:
-        click.echo(
+        echo(
             f"{rep.previously_failed} file(s) failed in an earlier run and are unchanged (not retried).",
             err=True,
         )
+    if rep.missing_elsewhere:
+        echo(
+            f"{rep.missing_elsewhere} indexed file(s) lie in folders that no longer exist (e.g. "
+            f"{rep.missing_example}): `atae prune --db {db}` removes them",
+            fg="yellow",
+            err=True,
+        )
+
+
+@click.command("prune")
+@click.option(
+    "--db", "db", required=True, type=click.Path(file_okay=False, exists=True), help="Library folder."
+)
+@click.option("--dry-run", is_flag=True, help="Only list the files that would be removed.")
+@click.option("--wait", is_flag=True, help="If another process is indexing this library, wait for it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the removed paths as JSON.")
+def prune(db, dry_run, wait, as_json):
+    """Remove files that are no longer on disk (e.g. under a renamed or deleted folder) from the library.
+    Files that exist but cannot be checked (permissions) are kept; a drive that is not mounted looks
+    gone, so look with --dry-run first."""
+    from atae.library import Library
+
+    with Library.open(db) as lib:
+        gone = lib.prune(dry_run=dry_run, wait=wait)
+    if as_json:
+        echo_json({"dry_run": dry_run, "removed": gone})
+        return
+    for p in gone:
+        echo(f"  {p}")
+    verb = "would remove" if dry_run else "removed"
+    echo(f"{verb} {len(gone)} file(s) no longer on disk")
 
 
 @click.command("serve")
@@ -147,29 +185,36 @@ def index(
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option(
+    "--allow-host",
+    "allow_hosts",
+    multiple=True,
+    help="Another name this server may be reached by (the Host header), e.g. a name in /etc/hosts; "
+    "repeat for several. Requests naming any other host are refused (DNS rebinding).",
+)
+@click.option(
     "--max-upload-mb",
     default=50,
     show_default=True,
     type=click.IntRange(1, 2048),
     help="Largest example sound accepted for query by example.",
 )
-def serve(db, host, port, max_upload_mb):
+def serve(db, host, port, allow_hosts, max_upload_mb):
     """Serve a search page for the library at --db (search box, players, waveforms, query by example)."""
     from atae.library import Library
     from atae.server.run import serve_library
 
     lib = Library.open(db)
     if host not in ("127.0.0.1", "localhost", "::1"):
-        click.secho(
+        echo(
             f"warning: listening on {host}: anyone who can reach it can search and play your files",
             fg="yellow",
             err=True,
         )
     try:
-        serve_library(lib, host, port, max_upload_bytes=max_upload_mb * 1024 * 1024, log=click.echo,
-                      warn=lambda m: click.secho(m, fg="yellow", err=True))
+        serve_library(lib, host, port, max_upload_bytes=max_upload_mb * 1024 * 1024, allow_hosts=allow_hosts,
+                      log=echo, warn=lambda m: echo(m, fg="yellow", err=True))
     finally:
         lib.close()
 
 
-COMMANDS = [index, serve]
+COMMANDS = [index, prune, serve]

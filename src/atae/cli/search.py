@@ -1,22 +1,29 @@
 """`atae search`: rank sounds for a description (or an example sound).
 
 Two modes:
-* library: ``atae search --db LIB "a door creaks open" [-k 10] [--json] [--paths-only] [--audio clip.wav]
-  [--min-duration S] [--max-duration S] [--glob PATTERN] [--explain]``, or more like an indexed file:
-  ``atae search --db LIB --like PATH[@SECONDS]``
+* library: ``atae search --db LIB "a door creaks open" [-k 10] [--json] [--paths-only | --print0]
+  [--audio clip.wav] [--min-duration S] [--max-duration S] [--glob PATTERN] [--explain]``, or more like
+  an indexed file: ``atae search --db LIB --like PATH[@SECONDS]``
 * dataset: ``atae search RUN "a door creaks open" --csv C --audio-dir D [-k 10]`` ranks the clips of a
   Clotho-format dataset with the trained model RUN (audio features cached in ``--feats``).
+
+Output: the table and ``--json`` escape control characters in names (``atae.cli.output``);
+``--paths-only`` prints one path a line and refuses a result whose name holds a newline or another
+control character (a script would read a wrong path), pointing to ``--print0``, which writes the exact
+paths separated by NUL bytes (``xargs -0``).
 """
 
 from __future__ import annotations
 
-import json
 import os
+import sys
 from pathlib import Path
 
 import click
 
+from atae.cli.output import echo, echo_json
 from atae.errors import QueryError
+from atae.printable import escape, is_clean
 
 
 @click.command("search")
@@ -31,7 +38,11 @@ from atae.errors import QueryError
 )
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, 10_000), help="Results.")
 @click.option("--json", "as_json", is_flag=True, help="JSON output.")
-@click.option("--paths-only", is_flag=True, help="Print only the paths, best first (for scripts).")
+@click.option("--paths-only", is_flag=True,
+              help="Print only the paths, best first, one a line (for scripts).")
+@click.option("--print0", is_flag=True,
+              help="Print only the paths, best first, each ended by a NUL byte (for `xargs -0`): exact for "
+              "any file name.")
 @click.option(
     "--min-duration", default=None, type=click.FloatRange(min=0), help="Only files at least S s long."
 )
@@ -82,6 +93,7 @@ def search(
     k,
     as_json,
     paths_only,
+    print0,
     min_duration,
     max_duration,
     glob,
@@ -93,13 +105,16 @@ def search(
     feats,
 ):
     """Search a library (--db LIB "text" | --db LIB --audio clip.wav) or a dataset
-    (RUN "text" --csv C --audio-dir D)."""
+    (RUN "text" --csv C --audio-dir D). Query by example uses the first 30 s of the sound."""
+    if sum([as_json, paths_only, print0]) > 1:
+        raise QueryError("choose one of --json, --paths-only and --print0")
+    mode = "json" if as_json else "paths" if paths_only else "print0" if print0 else "table"
     if like is not None:
         if db is None or args or audio is not None or scorer is not None:
             raise QueryError("--like searches a library by one of its own files, alone",
                              fix="atae search --db LIB --like PATH[@SECONDS] (no text, --audio or --scorer)")
         rows = like_search(db, like, k=k, min_duration=min_duration, max_duration=max_duration, glob=glob)
-        _print(rows, as_json, paths_only)
+        _print(rows, mode)
         return
     if db is not None:
         if len(args) > 1:
@@ -132,11 +147,10 @@ def search(
             if explain:
                 lib.explain(results, text=text)
         if untagged:
-            click.secho(f"note: {untagged} segments have no AudioSet tags and are left out of {scorer} "
-                        "results (indexed by an older atae?); index the folder into a new --db to include "
-                        "them",
-                        fg="yellow", err=True)
-        _print([r.to_dict() for r in results], as_json, paths_only)
+            echo(f"note: {untagged} segments have no AudioSet tags and are left out of {scorer} results "
+                 "(indexed by an older atae?); index the folder into a new --db to include them",
+                 fg="yellow", err=True)
+        _print([r.to_dict() for r in results], mode)
         return
     if len(args) != 2 or not csv_path or not audio_dir:
         raise QueryError(
@@ -144,7 +158,7 @@ def search(
             '`atae search RUN "query" --csv C --audio-dir D` (a dataset)'
         )
     rows = dataset_search(args[0], args[1], csv_path, audio_dir, k=k, feats=feats, scorer=scorer or "adapter")
-    _print(rows, as_json, paths_only)
+    _print(rows, mode)
 
 
 def dataset_search(
@@ -179,13 +193,13 @@ def dataset_search(
         require_tag_head(audio_tower)
     dataset = read_caption_csv(csv_path, audio_dir)
     for p in dataset.problems:
-        click.secho(f"warning: {p}", fg="yellow", err=True)
+        echo(f"warning: {p}", fg="yellow", err=True)
     table = FeatureStore(feats or Path(run) / "features").audio_table(audio_tower.info)
     rep = extract_audio(
         table, audio_tower, [(c.key, c.path) for c in dataset.clips if c.path is not None], progress=progress
     )
     for path, why in rep.failed:
-        click.secho(f"warning: skipped {path}: {why}", fg="yellow", err=True)
+        echo(f"warning: skipped {path}: {why}", fg="yellow", err=True)
     clips = [c for c in dataset.clips if c.key in table]
     if not clips:
         return []
@@ -216,8 +230,7 @@ def like_search(db: str, like: str, *, k: int = 10, **filters) -> list[dict]:
         results = lib.similar(ids, k=k, **filters)
         src = describe(lib, ids[0])
     where = "" if seconds is None else f" @ {_ts(src['start_s'])}-{_ts(src['end_s'])}"
-    path = src["path"] if src["path"].isprintable() else src["path"].encode("unicode_escape").decode()
-    click.echo(f"more like {path}{where}:", err=True)
+    echo(f"more like {src['path']}{where}:", err=True)
     return [r.to_dict() for r in results]
 
 
@@ -237,16 +250,29 @@ def _split_like(lib, like: str) -> tuple[str, float | None]:
     return path, seconds
 
 
-def _print(rows: list[dict], as_json: bool, paths_only: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+def _print(rows: list[dict], mode: str) -> None:
+    if mode == "json":
+        echo_json(rows)
         return
-    if paths_only:
+    if mode == "print0":
+        sys.stdout.flush()
         for r in rows:
-            click.echo(r["path"])
+            sys.stdout.buffer.write(os.fsencode(r["path"]) + b"\0")
+        sys.stdout.buffer.flush()
+        return
+    if mode == "paths":
+        bad = [r for r in rows if not is_clean(r["path"])]
+        if bad:
+            raise QueryError(
+                f"result {bad[0]['rank']} has a control character (e.g. a newline) in its name "
+                f"({escape(bad[0]['path'])}), which one path a line cannot carry",
+                fix="use --print0 (NUL-separated, for `xargs -0`) or --json",
+            )
+        for r in rows:
+            echo(r["path"])
         return
     if not rows:
-        click.echo("no results")
+        echo("no results")
         return
     for r in rows:
         line = f"{r['rank']:>3}  {r['score']:.3f}  {r['path']}"
@@ -255,7 +281,7 @@ def _print(rows: list[dict], as_json: bool, paths_only: bool) -> None:
             if r["end_s"] - r["start_s"] < r["duration"] - 1e-6:
                 span = f"  @ {_ts(r['start_s'])}-{_ts(r['end_s'])}"
             line += f"  ({_ts(r['duration'])}){span}"
-        click.echo(line)
+        echo(line)
         _print_tags(r)
 
 
@@ -263,14 +289,14 @@ def _print_tags(r: dict) -> None:
     """The explanation line under a result: tags that match the query first, then the others."""
     tags = r.get("tags")
     if r.get("missing"):
-        click.echo("       (no longer on disk: run `atae index` again)")
+        echo("       (no longer on disk: run `atae index` again)")
     if not tags:
         return
     matched = [f"{t['label']} {t['prob']:.2f}" for t in tags if t["matched"]]
     other = [f"{t['label']} {t['prob']:.2f}" for t in tags if not t["matched"]]
     parts = ([f"matches: {', '.join(matched)}"] if matched else []) + ([f"tags: {', '.join(other)}"]
                                                                         if other else [])
-    click.echo("       " + "  |  ".join(parts))
+    echo("       " + "  |  ".join(parts))
 
 
 def _ts(s: float) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from atae.cli.options import device_option
+from atae.cli.output import echo, echo_lines
 
 
 @click.command()
@@ -45,7 +46,7 @@ def train(recipe, train_csv, train_audio, val_csv, val_audio, noisy_json, noisy_
                      val_audio=val_audio, out=out, noisy_json=noisy_json, noisy_audio=noisy_audio,
                      audio_encoder=audio_encoder, audio_weights=audio_weights, text_encoder=text_encoder,
                      text_weights=text_weights, feats=feats, seed=seed, max_epochs=max_epochs, loss=loss,
-                     restart=restart, progress=progress, echo=click.echo, device=device)
+                     restart=restart, progress=progress, echo=echo_lines, device=device)
 
 
 @click.command()
@@ -85,12 +86,12 @@ def evaluate(run, csv_path, queries, audio_dir, json_out, submission, scorer, fe
                        audio_weights=audio_weights, text_encoder=text_encoder, text_weights=text_weights,
                        temperature=temperature, progress=progress, device=device)
     for p in res.problems[:20]:
-        click.secho(f"warning: {p}", fg="yellow", err=True)
+        echo(f"warning: {p}", fg="yellow", err=True)
     if len(res.problems) > 20:
-        click.secho(f"warning: ... and {len(res.problems) - 20} more (see {json_out})", fg="yellow", err=True)
-    click.echo(f"{res.mode} ({scorer}): {len(res.queries)} queries over {len(res.candidates)} clips")
-    click.echo(format_metrics(res.metrics))
-    click.echo(f"metrics -> {json_out}" + (f", submission -> {submission}" if submission else ""))
+        echo(f"warning: ... and {len(res.problems) - 20} more (see {json_out})", fg="yellow", err=True)
+    echo(f"{res.mode} ({scorer}): {len(res.queries)} queries over {len(res.candidates)} clips")
+    echo_lines(format_metrics(res.metrics))
+    echo(f"metrics -> {json_out}" + (f", submission -> {submission}" if submission else ""))
 
 
 COMMANDS = [train, evaluate]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from atae.cli.output import echo
 from atae.errors import DataError
 
 
@@ -69,27 +70,27 @@ def tune(run, csv_path, audio_dir, feats, scorer, audio_encoder, audio_weights, 
     require_tag_head(audio_tower)
     ds = read_caption_csv(csv_path, audio_dir)
     for p in ds.problems[:20]:
-        click.secho(f"warning: {p}", fg="yellow", err=True)
+        echo(f"warning: {p}", fg="yellow", err=True)
     feats = Path(feats) if feats else (Path(run) / "features" if run else Path("atae-features"))
     atab, ttab, _ = ensure_dataset_features(ds, audio_tower, text_tower, feats, progress=progress)
     tuned = tune_on_dataset(ds, atab, text_tower, model=model, text_table=ttab, scorer=scorer)
     temp = tuned[br.EXTRA_BRIDGE_TEMPERATURE]
-    click.echo(f"{tuned['n_queries']} queries over {tuned['n_clips']} clips")
-    click.echo("temperature  bridge mAP@10")
+    echo(f"{tuned['n_queries']} queries over {tuned['n_clips']} clips")
+    echo("temperature  bridge mAP@10")
     for t, m in tuned["temperature_curve"]:
-        click.echo(f"{t:>11g}  {m:.4f}" + ("  <- best" if t == temp else ""))
+        echo(f"{t:>11g}  {m:.4f}" + ("  <- best" if t == temp else ""))
     if "weight_curve" in tuned:
         w = tuned[scoring.EXTRA_HYBRID_WEIGHT]
-        click.echo("hybrid weight  mAP@10")
+        echo("hybrid weight  mAP@10")
         for x, m in tuned["weight_curve"]:
-            click.echo(f"{x:>13g}  {m:.4f}" + ("  <- best" if x == w else ""))
+            echo(f"{x:>13g}  {m:.4f}" + ("  <- best" if x == w else ""))
     best = f"best temperature: {temp:g}"
     if "weight_curve" in tuned:
         best += f", best hybrid weight: {tuned[scoring.EXTRA_HYBRID_WEIGHT]:g}"
-    click.echo(best)
+    echo(best)
     if model is not None:
         store_tuned(model, tuned, run, data=str(csv_path))
-        click.echo(f"stored in {Path(run) / 'config.json'} (libraries indexed with this model: run "
+        echo(f"stored in {Path(run) / 'config.json'} (libraries indexed with this model: run "
                    "`atae index` again to pick it up)")
     if json_out is not None:
         from atae.io import atomic_write_text
@@ -98,7 +99,7 @@ def tune(run, csv_path, audio_dir, feats, scorer, audio_encoder, audio_weights, 
         atomic_write_text(Path(json_out), json.dumps({"scorer": scorer, "data": str(csv_path),
                                                       "audio_tower": audio_tower.info.name,
                                                       "text_tower": text_tower.info.name, **tuned}, indent=2))
-        click.echo(f"wrote {json_out}")
+        echo(f"wrote {json_out}")
 
 
 COMMANDS = [tune]

@@ -7,6 +7,7 @@ import sys
 import click
 
 from atae import weights as W
+from atae.cli.output import echo
 
 
 @click.group()
@@ -23,11 +24,11 @@ def list_() -> None:
         except W.WeightsError:
             where = "not installed"
         size = f"{spec.size / 1e6:.0f} MB" if spec.size else "size ?"
-        click.echo(f"{name:20s} {size:>8s}  {spec.license}")
-        click.echo(f"{'':20s} {spec.description}")
-        click.echo(f"{'':20s} source: {spec.url}")
-        click.echo(f"{'':20s} sha256: {_sha256_line(spec)}")
-        click.echo(f"{'':20s} here:   {where}")
+        echo(f"{name:20s} {size:>8s}  {spec.license}")
+        echo(f"{'':20s} {spec.description}")
+        echo(f"{'':20s} source: {spec.url}")
+        echo(f"{'':20s} sha256: {_sha256_line(spec)}")
+        echo(f"{'':20s} here:   {where}")
 
 
 def _sha256_line(spec) -> str:
@@ -43,7 +44,7 @@ def _sha256_line(spec) -> str:
 @click.argument("name")
 def path(name: str) -> None:
     """Print the resolved path of NAME (error with the fetch command when absent)."""
-    click.echo(str(W.resolve(name)))
+    echo(str(W.resolve(name)))
 
 
 @weights.command("fetch")
@@ -52,7 +53,7 @@ def path(name: str) -> None:
               help="folder to download into (default: $ATAE_HOME/weights/NAME)")
 def fetch(name: str, dest: str | None) -> None:
     """Download NAME (resumable, checksum-verified). The only command that uses the network."""
-    click.echo(str(W.fetch(name, dest)))
+    echo(str(W.fetch(name, dest)))
 
 
 @weights.command("verify")
@@ -62,7 +63,7 @@ def verify(name: str | None) -> None:
     bad = False
     for r in W.verify(name):
         detail = r.detail if r.status != "missing" else "not installed"
-        click.echo(f"{r.name:20s} {r.status:10s} {r.path or ''}  {detail}")
+        echo(f"{r.name:20s} {r.status:10s} {r.path or ''}  {detail}")
         bad |= r.status == "mismatch" or (name is not None and r.status == "missing")
     if bad:
         sys.exit(1)

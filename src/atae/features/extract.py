@@ -21,6 +21,7 @@ import numpy as np
 
 from atae.errors import AtaeError, AudioError, DataError
 from atae.features.store import FeatureStore, SequenceTable, caption_key
+from atae.printable import escape
 from atae.towers.base import AudioEncoding, AudioTower, TextTower
 
 
@@ -51,8 +52,8 @@ class ExtractReport:
         for what, r in self.parts.items():
             lines.append(f"  {what}: {r.done} extracted{changed(r)}, {r.skipped} cached, "
                          f"{len(r.failed)} failed")
-        for path, reason in self.failed:
-            lines.append(f"  failed: {path}: {reason}")
+        for path, reason in self.failed:  # untrusted names: one line each, nothing a terminal acts on
+            lines.append(f"  failed: {escape(path)}: {escape(reason)}")
         return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from atae.errors import LibraryError, ModelError, QueryError
+from atae.errors import AtaeError, LibraryError, ModelError, QueryError
 from atae.library import indexer as _indexer
 from atae.library.db import LibraryDB
 from atae.library.lock import WriterLock
@@ -86,6 +86,9 @@ def _same_tower(a, b) -> bool:
 
 
 _OWN_FILES = {"library.sqlite", "library.sqlite-wal", "library.sqlite-shm", "lock", "cache"}
+# Query by example uses the first EXAMPLE_MAX_S seconds of the sound: a few seconds describe a sound, and
+# a long upload must cost no more than a short one.
+EXAMPLE_MAX_S = 30.0
 
 
 class Library:
@@ -140,24 +143,37 @@ class Library:
         exists = (root / "library.sqlite").exists()
         if not exists and not create:
             raise LibraryError("no library here", path=root, fix="create it with `atae index DIR --db LIB`")
+        if root.exists() and not root.is_dir():
+            raise LibraryError("this is a file, not a library folder", path=root,
+                               fix="give --db a folder (new or made by `atae index`)")
+        model_obj, model_dir = cls._resolve_model(model)  # a bad model creates nothing
         if create and not exists:
-            if root.exists() and (not root.is_dir() or any(p.name not in _OWN_FILES for p in root.iterdir())):
+            if root.exists() and any(p.name not in _OWN_FILES for p in root.iterdir()):
                 raise LibraryError("this folder exists and is not an atae library", path=root,
                                    fix="give --db a new or empty folder (the library is a folder of its own)")
             root.mkdir(parents=True, exist_ok=True)
         db = LibraryDB(root, create=create)
-        lib = cls(root, db, audio_tower=audio_tower, text_tower=text_tower)
-        model_obj, model_dir = lib._resolve_model(model)
-        if db.get_meta("audio_tower") is None:  # new library: fix its settings
-            lib._init_settings(audio_encoder, audio_weights, model_obj, window_s, hop_s, long_s, index)
-        else:
-            lib._check_settings(audio_encoder, window_s, hop_s, long_s, index)
-        with lib._lock:
-            if model_obj is not None and lib._model_version_of(model_obj, model_dir) != lib.model_version:
-                lib.set_model(model_obj, model_dir=model_dir)
-            elif model_obj is not None:
-                lib._model = model_obj
-            lib._refresh(force=True)
+        try:
+            lib = cls(root, db, audio_tower=audio_tower, text_tower=text_tower)
+            if db.get_meta("audio_tower") is None:  # new (or never finished): fix its settings
+                if not create:  # reading never sets a library up, so the unfinished command can finish it
+                    raise LibraryError(
+                        "this library is unfinished: an `atae index` into it stopped before it was set up",
+                        path=root,
+                        fix="run the same `atae index DIR --db LIB` command again to finish setting it up",
+                    )
+                lib._init_settings(audio_encoder, audio_weights, model_obj, window_s, hop_s, long_s, index)
+            else:
+                lib._check_settings(audio_encoder, window_s, hop_s, long_s, index)
+            with lib._lock:
+                if model_obj is not None and lib._model_version_of(model_obj, model_dir) != lib.model_version:
+                    lib.set_model(model_obj, model_dir=model_dir)
+                elif model_obj is not None:
+                    lib._model = model_obj
+                lib._refresh(force=True)
+        except BaseException:
+            db.close()
+            raise
         return lib
 
     def close(self) -> None:
@@ -171,7 +187,8 @@ class Library:
         self.close()
         return False
 
-    def _resolve_model(self, model):
+    @staticmethod
+    def _resolve_model(model):
         if model is None:
             return None, None
         if isinstance(model, (str, Path)):
@@ -244,7 +261,11 @@ class Library:
     def stored_tower_info(self):
         from atae.towers.base import TowerInfo
 
-        return TowerInfo.from_dict(self.db.get_meta_json("audio_tower"))
+        try:
+            return TowerInfo.from_dict(self.db.get_meta_json("audio_tower"))
+        except (TypeError, KeyError, ValueError, AttributeError):
+            raise LibraryError("the library's 'audio_tower' record is corrupt", path=self.root,
+                               fix="restore the library from a backup, or index into a new --db") from None
 
     @property
     def audio_tower_key(self) -> str:
@@ -407,6 +428,8 @@ class Library:
             elif self._writer.try_acquire():
                 try:
                     self.save_index()
+                except (AtaeError, OSError):
+                    pass  # a reader's repair is a cache: searching goes on without persisting it
                 finally:
                     self._writer.release()
 
@@ -478,6 +501,17 @@ class Library:
                 self._refresh(force=True)  # also switches flat <-> hnsw when the size crossed the threshold
         return rep
 
+    def prune(self, *, dry_run: bool = False, wait: bool = False) -> list[str]:
+        """Remove the files that are no longer on disk (anywhere in the library, e.g. under a folder that
+        was renamed or deleted) with their vectors; returns their paths. A file that merely cannot be
+        checked (no permission, I/O error) is kept. ``dry_run``: only list them."""
+        with self._lock, self._write(wait=wait):
+            gone = _indexer.prune(self, dry_run=dry_run)
+            if gone and not dry_run:
+                self._refresh(force=True)
+                self.save_index()
+        return gone
+
     def stats(self) -> dict:
         with self._lock:
             c = self.db.counts()
@@ -523,17 +557,21 @@ class Library:
         return self._embed([self.example_raw(audio)])[0]
 
     def example_raw(self, audio) -> np.ndarray:
-        """The raw tower sequence (T, F) of an example sound: a path, or (wave, sample_rate)."""
+        """The raw tower sequence (T, F) of an example sound (a path, or (wave, sample_rate)): its first
+        ``EXAMPLE_MAX_S`` seconds. Decoding and encoding run outside the library lock (only the tower is
+        looked up under it), so a long example never holds up other searches."""
         from atae.audio import load_audio
 
-        tower = self.audio_tower
+        with self._lock:
+            tower = self.audio_tower
         if isinstance(audio, (str, Path)):
-            wave = load_audio(audio, tower.sample_rate)
+            wave = load_audio(audio, tower.sample_rate, duration_s=EXAMPLE_MAX_S)
         else:
             wave, sr = audio
             wave = np.asarray(wave, dtype=np.float32)
             if wave.ndim == 2:
                 wave = wave.mean(axis=1)
+            wave = wave[: int(EXAMPLE_MAX_S * sr)]
             if sr != tower.sample_rate:
                 import soxr
 
@@ -558,6 +596,9 @@ class Library:
         (optionally ``top(library, text, n)``: the n best, for a fast exact top-k)."""
         if not isinstance(k, int) or k < 1 or k > 10_000:
             raise QueryError(f"k must be an integer between 1 and 10000, not {k!r}")
+        example = None
+        if audio is not None and text is None and scorer is None:
+            example = self.example_raw(audio)  # before taking the lock (see example_raw)
         with self._lock:
             self._refresh()
             scorer = self._resolve_scorer(scorer) if scorer is not None else None
@@ -579,7 +620,10 @@ class Library:
                 return self._collect(
                     np.asarray(ids)[order], np.asarray(scores)[order], k, min_duration, max_duration, glob
                 )
-            q = self.query_vector(text=text, audio=audio)
+            if example is not None:
+                q = self._embed([example])[0]
+            else:
+                q = self.query_vector(text=text, audio=audio)
             if self.index is None or self.index.ntotal == 0:
                 return []
             fetch = max(4 * k, 64)

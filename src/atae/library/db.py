@@ -8,12 +8,17 @@ cache rebuilt from these rows, so a ``kill -9`` can at worst lose the batch in f
 Tables
 * ``meta(key, value)``: schema version, audio tower info (JSON), window policy, model dir + checksum,
   a ``generation`` counter bumped by every commit (readers use it to notice new data cheaply).
-* ``files``: id, path (absolute, as found), size, mtime_ns, content hash (``fast_hash``), duration,
-  sample_rate, channels, encoder (tower key), model_version, status ('ok' | 'failed'), error, indexed_at.
+* ``files``: id, path (absolute, as found), size, mtime_ns, content hash (``content_hash``: sha256 of the
+  whole file), duration, sample_rate, channels, encoder (tower key), model_version, status ('ok' |
+  'failed'), error, indexed_at.
 * ``segments``: id (= the vector id in FAISS), file_id, seg_index, start_s, end_s, n_elems, raw, tags.
   ``raw`` is the tower's whole sequence for the segment (n_elems x F float32, e.g. aiSFX's 2.3 s blocks),
   because a model's adapter is a per-element MLP followed by the mean: the mean must come after the
   adapter, so the elements are kept. ``tags`` is the element-mean of the tag probabilities.
+
+Opening never writes to a file that is not an atae library: an existing ``library.sqlite`` whose tables
+are not these is refused before anything (not even the journal mode) is changed. A transaction that
+runs out of space raises ``DiskFullError`` (it is rolled back: the last commit is intact).
 """
 
 from __future__ import annotations
@@ -22,17 +27,20 @@ import hashlib
 import json
 import os
 import sqlite3
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from atae.errors import LibraryError
+from atae.errors import AtaeError, DiskFullError, LibraryError
 
 SCHEMA_VERSION = 1
 DB_NAME = "library.sqlite"
-HASH_BLOCK = 1 << 20  # 1 MiB
+HASH_PREFIX = "sha256:"
+_OWN_TABLES = {"meta", "files", "segments", "sqlite_sequence"}
+_UNFINISHED_FIX = "run the same `atae index DIR --db LIB` command again to finish setting it up"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -62,25 +70,43 @@ CREATE TABLE IF NOT EXISTS segments (
     tags BLOB
 );
 CREATE INDEX IF NOT EXISTS segments_file ON segments(file_id);
+CREATE INDEX IF NOT EXISTS files_hash ON files(hash);
 """
 
 
-def fast_hash(path: str | Path, size: int | None = None) -> str:
-    """Content fingerprint that costs at most 2 MiB of reading: sha1 of the size, the first 1 MiB and
-    the last 1 MiB. It tells a touched-but-identical file (same hash: nothing re-encoded) from an edited
-    one; an edit confined to the middle of a file larger than 2 MiB is caught by size/mtime instead."""
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        if size is None:
-            size = os.fstat(f.fileno()).st_size
-        h.update(str(size).encode())
-        h.update(f.read(HASH_BLOCK))
-        if size > 2 * HASH_BLOCK:
-            f.seek(size - HASH_BLOCK)
-            h.update(f.read(HASH_BLOCK))
-        elif size > HASH_BLOCK:
-            h.update(f.read())
-    return h.hexdigest()
+def content_hash(path: str | Path) -> str:
+    """``"sha256:<hex>"`` of the whole file. The indexer asks for it only when a file is new or its size
+    or mtime changed, and trusts nothing less: a touched-but-identical file keeps its vectors, any edit
+    (also one in the middle of a large file) is re-encoded, and a moved file is recognised. (Rows of
+    older libraries hold a partial fingerprint without the prefix, which never matches: such a file is
+    re-encoded once when it changes.) Raises OSError; a path that is not a regular file (a pipe put in
+    place after the scan) raises instead of blocking."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"not a regular file: {path}")
+        return HASH_PREFIX + hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def is_missing(path: str) -> bool:
+    """True only when ``path`` is known to be gone (ENOENT/ENOTDIR); a file that cannot be checked (a
+    folder without permission, an I/O error) is not missing: nothing is removed on a guess."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+def _is_read_only(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code in (8, 14) or "readonly" in str(exc) or "unable to open" in str(exc)  # READONLY, CANTOPEN
+
+
+def _is_full(exc: BaseException) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) == 13 or "disk is full" in str(exc)  # 13: SQLITE_FULL
 
 
 @dataclass
@@ -122,38 +148,103 @@ class LibraryDB:
                 path=self.root,
                 fix="create it with `atae index DIR --db LIB`",
             )
+        if self.path.exists() and not self.path.is_file():
+            raise LibraryError("library.sqlite is not a file", path=self.path,
+                               fix="point --db at a folder made by `atae index`")
+        self.read_only = False
         try:
-            self.conn = sqlite3.connect(
-                str(self.path), timeout=60.0, isolation_level=None, check_same_thread=False
-            )
-            if create:  # only takes effect on a new, empty file: 16 KiB pages hold several 2 KB vectors
-                self.conn.execute("PRAGMA page_size=16384")
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=NORMAL")  # WAL+NORMAL: durable across process crashes
-            self.conn.execute("PRAGMA foreign_keys=ON")
-            if create:
-                self.conn.executescript(_SCHEMA)
-            version = self.get_meta("schema_version")
+            version = self._connect(create)
         except sqlite3.DatabaseError as exc:
-            raise LibraryError(
-                f"library database is unreadable ({exc})",
-                path=self.path,
-                fix="restore it from a backup or delete the folder and index again",
-            ) from exc
+            if not create and _is_read_only(exc):
+                version = self._connect_read_only(exc)
+            else:
+                raise self._error(exc, create) from exc
         if version is None:
-            if not create:
-                raise LibraryError(
-                    "library.sqlite has no atae schema",
-                    path=self.path,
-                    fix="point --db at a folder made by `atae index`",
-                )
-            self.set_meta("schema_version", str(SCHEMA_VERSION))
-        elif int(version) > SCHEMA_VERSION:
+            raise LibraryError(
+                "this library is unfinished: an `atae index` into it stopped before it was set up",
+                path=self.root,
+                fix=_UNFINISHED_FIX,
+            )
+        if not str(version).isdigit():
+            raise LibraryError(f"library schema version {version!r} is not one atae wrote", path=self.path,
+                               fix="the file is damaged: restore it from a backup, or index into a new --db")
+        if int(version) > SCHEMA_VERSION:
             raise LibraryError(
                 f"library schema {version} is newer than this atae ({SCHEMA_VERSION})",
                 path=self.path,
                 fix="upgrade atae",
             )
+
+    def _connect(self, create: bool) -> str | None:
+        """Open the file (refusing a foreign one before changing anything), set it up when ``create``;
+        returns the schema version."""
+        self.conn = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None,
+                                    check_same_thread=False)
+        try:
+            tables = self._tables()
+            foreign = sorted(tables - _OWN_TABLES)
+            if foreign or ("meta" in tables and self._columns("meta") != ["key", "value"]):
+                raise LibraryError(
+                    f"library.sqlite is not an atae library (it holds the tables "
+                    f"{', '.join(foreign) or 'meta'})",
+                    path=self.path,
+                    fix="give --db a new or empty folder (the library is a folder of its own); "
+                    "nothing in this file was changed",
+                )
+            if create and not tables:  # only takes effect on a new, empty file: 16 KiB pages hold
+                self.conn.execute("PRAGMA page_size=16384")  # several 2 KB vectors
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")  # WAL+NORMAL: durable across process crashes
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            if create and (self.get_meta("schema_version") is None or not self._has_index("files_hash")):
+                # one transaction: a kill leaves no schema or all of it, with its version
+                self.conn.executescript(
+                    "BEGIN IMMEDIATE;" + _SCHEMA
+                    + f"INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', '{SCHEMA_VERSION}');"
+                    + "COMMIT;"
+                )
+            return self.get_meta("schema_version")
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def _connect_read_only(self, first: sqlite3.DatabaseError) -> str | None:
+        """A library on read-only storage: SQLite cannot make the WAL's shared-memory file there, so it is
+        read through a read-only URI (immutable as a last resort: nobody can write to it either)."""
+        from urllib.parse import quote
+
+        for opts in ("mode=ro", "mode=ro&immutable=1"):
+            try:
+                self.conn = sqlite3.connect(f"file:{quote(str(self.path))}?{opts}", uri=True, timeout=60.0,
+                                            isolation_level=None, check_same_thread=False)
+                tables = self._tables()
+                if tables - _OWN_TABLES:
+                    raise self._error(first, False)
+                self.read_only = True
+                return self.get_meta("schema_version")
+            except sqlite3.DatabaseError:
+                self.conn.close()
+        raise self._error(first, False)
+
+    def _error(self, exc: sqlite3.DatabaseError, create: bool) -> AtaeError:
+        if _is_full(exc):
+            return DiskFullError(self.path)
+        if _is_read_only(exc):
+            return LibraryError(f"cannot {'write to' if create else 'open'} the library ({exc})",
+                                path=self.path,
+                                fix="check the permissions of the library folder and its files")
+        return LibraryError(f"library database is unreadable ({exc})", path=self.path,
+                            fix="restore it from a backup or delete the folder and index again")
+
+    def _tables(self) -> set[str]:
+        return {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+    def _has_index(self, name: str) -> bool:
+        q = "SELECT 1 FROM sqlite_master WHERE type='index' AND name=?"
+        return self.conn.execute(q, (name,)).fetchone() is not None
+
+    def _columns(self, table: str) -> list[str]:
+        return [r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")]
 
     def clone(self) -> LibraryDB:
         return LibraryDB(self.root)
@@ -171,7 +262,11 @@ class LibraryDB:
 
     def get_meta_json(self, key: str):
         v = self.get_meta(key)
-        return None if v is None else json.loads(v)
+        try:
+            return None if v is None else json.loads(v)
+        except ValueError:
+            raise LibraryError(f"the library's {key!r} record is corrupt", path=self.path,
+                               fix="restore the library from a backup, or index into a new --db") from None
 
     def set_meta(self, key: str, value, *, as_json: bool = False) -> None:
         v = json.dumps(value, sort_keys=True) if as_json else str(value)
@@ -282,6 +377,23 @@ class LibraryDB:
 
     def delete_files(self, ids: list[int]) -> None:
         self.conn.executemany("DELETE FROM files WHERE id=?", [(int(i),) for i in ids])
+
+    def files_with_hash(self, hashes) -> dict[str, list[FileRow]]:
+        """Indexed ('ok') rows by content hash, for the given hashes (move detection across folders)."""
+        out: dict[str, list[FileRow]] = {}
+        hashes = [h for h in dict.fromkeys(hashes) if h]
+        for i in range(0, len(hashes), 500):
+            chunk = hashes[i : i + 500]
+            q = ",".join("?" * len(chunk))
+            for r in self.conn.execute(
+                f"SELECT {_FILE_COLS} FROM files WHERE status='ok' AND hash IN ({q}) ORDER BY id", chunk
+            ):
+                out.setdefault(r[4], []).append(FileRow(*r))
+        return out
+
+    def all_paths(self) -> list[tuple[int, str]]:
+        """(id, path) of every file row, indexed or failed."""
+        return list(self.conn.execute("SELECT id, path FROM files ORDER BY path"))
 
     def set_model_version(self, version: str | None) -> None:
         self.conn.execute("UPDATE files SET model_version=? WHERE status='ok'", (version,))
@@ -423,8 +535,21 @@ class _Tx:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            self.db.set_meta("generation", self.db.generation() + 1)
-            self.db.conn.execute("COMMIT")
-        else:
-            self.db.conn.execute("ROLLBACK")
+            try:
+                self.db.set_meta("generation", self.db.generation() + 1)
+                self.db.conn.execute("COMMIT")
+                return False
+            except sqlite3.Error as e:
+                exc = e
+        self._rollback()
+        if isinstance(exc, sqlite3.Error) and _is_full(exc):
+            raise DiskFullError(self.db.path) from exc
+        if exc_type is None:
+            raise exc
         return False
+
+    def _rollback(self) -> None:
+        try:
+            self.db.conn.execute("ROLLBACK")
+        except sqlite3.Error:  # SQLite already rolled back (it does on SQLITE_FULL)
+            pass

@@ -12,11 +12,19 @@ Windowing policy (why: a model is trained on whole 15-30 s clips, and a search m
   The tower's whole sequence for each segment is stored (see ``db.py``); tags are element-averaged.
 
 Incremental rules (per file, by absolute path): unknown -> *new*; same size and mtime -> *unchanged*;
-size/mtime differ but the same ``fast_hash`` -> *unchanged* (only the stat is updated); a new path whose
-hash equals a vanished file's -> *moved* (row re-pointed, nothing re-encoded); otherwise -> *changed*
-(re-encoded); in the library under an indexed root but no longer on disk -> *removed*. A file that failed
-before is retried only when it changes. Files are committed in batches, one SQLite transaction each,
-so an interrupted run keeps every finished batch and the next run does only what is left.
+size/mtime differ but the same ``content_hash`` (sha256 of the whole file, never a partial one) ->
+*unchanged* (only the stat is updated); a new path whose hash equals that of an indexed file that is no
+longer on disk -> *moved* (row re-pointed, nothing re-encoded), whether the old path lay under the
+folders being indexed or anywhere else (a renamed folder indexed under its new name); otherwise ->
+*changed* (re-encoded); in the library under an indexed root but no longer on disk -> *removed* (except
+under a folder that could not be read this run: its files are kept). Files under folders that are gone
+and were not named are left alone and counted in ``missing_elsewhere`` (``Library.prune`` / ``atae
+prune`` removes them). A file that failed before is retried only when it changes. Files are committed in
+batches, one SQLite transaction each, so an interrupted run keeps every finished batch and the next run
+does only what is left.
+
+A file whose header is refused by ``atae.audio.check_header`` (an implausible sample rate, a declared
+length over 3 h) fails before any window is planned or decoded.
 
 A file that changes or disappears while it is being encoded is not stored (its stat is compared before
 and after); it is reported and picked up by the next run.
@@ -31,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from atae.errors import AtaeError, AudioError
-from atae.library.db import SegmentIn, fast_hash
+from atae.library.db import SegmentIn, content_hash, is_missing
 from atae.library.scan import Found, scan, under
 
 LONG_S = 30.0
@@ -53,6 +61,9 @@ class IndexReport:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this run
     skipped: list[tuple[str, str]] = field(default_factory=list)  # changed/vanished during the run
     previously_failed: int = 0  # unchanged files that failed before (not retried)
+    not_scanned: list[tuple[str, str]] = field(default_factory=list)  # unreadable folders, bad names
+    missing_elsewhere: int = 0  # indexed files under other folders that no longer exist
+    missing_example: str = ""
     segments_added: int = 0
     audio_seconds: float = 0.0
     wall_seconds: float = 0.0
@@ -71,6 +82,8 @@ class IndexReport:
             "failed": [list(x) for x in self.failed],
             "skipped": [list(x) for x in self.skipped],
             "previously_failed": self.previously_failed,
+            "not_scanned": [list(x) for x in self.not_scanned],
+            "missing_elsewhere": self.missing_elsewhere,
             "segments_added": self.segments_added,
             "audio_seconds": round(self.audio_seconds, 3),
             "wall_seconds": round(self.wall_seconds, 3),
@@ -83,6 +96,8 @@ class IndexReport:
         )
         if self.skipped:
             s += f", skipped {len(self.skipped)} (changed while indexing; next run retries)"
+        if self.not_scanned:
+            s += f", not looked at {len(self.not_scanned)} (listed below)"
         if self.audio_seconds:
             s += (
                 f"; {self.audio_seconds / 60:.1f} min of audio in {self.wall_seconds:.1f} s "
@@ -156,16 +171,19 @@ def run_index(lib, roots, *, exts=None, progress: bool = True, batch_files: int 
     t0 = time.perf_counter()
     rep = IndexReport()
     db = lib.db
-    found, abs_roots = scan(roots, exts)
+    sc = scan(roots, exts)
+    found, abs_roots = sc.found, sc.roots
+    rep.not_scanned = list(sc.problems)
     known = {}
     for r in abs_roots:
         known.update(db.files_under(r))
     on_disk = {f.path for f in found}
-    gone = [row for p, row in known.items() if p not in on_disk and any(under(p, r) for r in abs_roots)]
+    gone = [row for p, row in known.items() if p not in on_disk and any(under(p, r) for r in abs_roots)
+            and not any(under(p, b) for b in sc.blind)]
     gone_by_hash = {row.hash: row for row in gone if row.status == "ok" and row.hash}
 
     todo: list[tuple[Found, str, str | None]] = []  # (found, "new"|"changed", hash)
-    touch, moves = [], []
+    touch, moves, fresh = [], [], []
     for f in found:
         row = known.get(f.path)
         if row is not None and row.size == f.size and row.mtime_ns == f.mtime_ns:
@@ -174,7 +192,7 @@ def run_index(lib, roots, *, exts=None, progress: bool = True, batch_files: int 
             rep.unchanged += 1
             continue
         try:
-            h = fast_hash(f.path, f.size)
+            h = content_hash(f.path)
         except OSError as exc:
             # not stored as failed: a permission fix does not change mtime, so retry on every run
             rep.failed.append((f.path, f"cannot be read ({exc.strerror or exc}); fix its permissions"))
@@ -185,8 +203,21 @@ def run_index(lib, roots, *, exts=None, progress: bool = True, batch_files: int 
         elif row is None and h in gone_by_hash:
             old = gone_by_hash.pop(h)
             moves.append((old.id, f.path, f.size, f.mtime_ns))
+        elif row is None:
+            fresh.append((f, h))
         else:
-            todo.append((f, "new" if row is None else "changed", h))
+            todo.append((f, "changed", h))
+    # a new file identical to an indexed one that vanished from another folder: the folder was renamed
+    taken = {m[0] for m in moves}
+    elsewhere = db.files_with_hash([h for _, h in fresh]) if fresh else {}
+    for f, h in fresh:
+        old = next((r for r in elsewhere.get(h, ()) if r.id not in taken and r.path not in on_disk
+                    and not any(under(r.path, root) for root in abs_roots) and is_missing(r.path)), None)
+        if old is None:
+            todo.append((f, "new", h))
+        else:
+            taken.add(old.id)
+            moves.append((old.id, f.path, f.size, f.mtime_ns))
 
     moved = {m[0] for m in moves}
     gone = [g for g in gone if g.id not in moved]  # once, not per move (a moved folder is many files)
@@ -248,8 +279,33 @@ def run_index(lib, roots, *, exts=None, progress: bool = True, batch_files: int 
     finally:
         bar.close()
         lib.save_index()
+    rep.missing_elsewhere, rep.missing_example = missing_elsewhere(db, abs_roots)
     rep.wall_seconds = time.perf_counter() - t0
     return rep
+
+
+def prune(lib, *, dry_run: bool = False) -> list[str]:
+    """Remove the files no longer on disk (``is_missing``) with their vectors (the caller holds the writer
+    lock); returns their paths."""
+    db = lib.db
+    gone = [(fid, p) for fid, p in db.all_paths() if is_missing(p)]
+    if gone and not dry_run:
+        seg_ids = db.segment_ids_of([fid for fid, _ in gone])
+        with db.transaction():
+            db.delete_files([fid for fid, _ in gone])
+        lib.drop_vectors(seg_ids)
+    return [p for _, p in gone]
+
+
+def missing_elsewhere(db, roots) -> tuple[int, str]:
+    """(count, an example path) of indexed files outside ``roots`` whose folder no longer exists: one
+    stat per folder, not per file."""
+    by_dir: dict[str, list[str]] = {}
+    for _fid, p in db.all_paths():
+        if not any(under(p, r) for r in roots):
+            by_dir.setdefault(os.path.dirname(p), []).append(p)
+    gone = [ps for d, ps in by_dir.items() if is_missing(d)]
+    return sum(len(ps) for ps in gone), (gone[0][0] if gone else "")
 
 
 def _reason(exc: AtaeError) -> str:

@@ -24,7 +24,11 @@ class WriterLock:
         """Take the lock; with ``wait=False`` raise ``LibraryError`` if another process holds it."""
         if self._fd is not None:
             return True
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise LibraryError(f"cannot write to the library ({exc.strerror or exc})", path=self.path.parent,
+                               fix="index into a folder you can write to, or fix its permissions") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -35,15 +39,19 @@ class WriterLock:
                 path=self.path.parent,
                 fix="wait for it to finish, or pass --wait to queue behind it",
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        try:  # who holds it: informational only, so a full disk must not stop the lock
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        except OSError:
+            pass
         self._fd = fd
         return True
 
     def try_acquire(self) -> bool:
+        """Take the lock if it is free and the library is writable; False otherwise (never raises)."""
         try:
             return self.acquire(wait=False)
-        except LibraryError:
+        except (LibraryError, OSError):
             return False
 
     def release(self) -> None:

@@ -177,5 +177,10 @@ class VectorIndex:
 
     def save(self, path: Path) -> None:
         """Atomic write: temp file in the same folder, fsync, rename over the old one."""
-        with atomic_path(path, ".faiss") as tmp:
-            faiss.write_index(self.index, tmp)
+        try:
+            with atomic_path(path, ".faiss") as tmp:
+                faiss.write_index(self.index, tmp)
+        except (OSError, RuntimeError) as exc:
+            raise LibraryError(f"cannot write the vector index ({getattr(exc, 'strerror', None) or exc})",
+                               path=path, fix="remove what is at this path (the index is rebuilt from "
+                               "library.sqlite), or fix the folder's permissions") from exc

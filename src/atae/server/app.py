@@ -17,15 +17,27 @@ Results carry ``file_name``, ``folder``, ``missing`` (the file is gone from disk
 has an AudioSet head, ``tags``: the segment's top tags, ``matched`` = carried the query
 (``atae.library.explain``).
 Every error is JSON ``{"error": message, "fix": hint}`` with a 4xx/5xx status; never a traceback.
+
+Trust: the server answers only requests whose ``Host`` names it (the address it is bound to, the
+loopback names, ``--allow-host`` names, or with a wildcard bind any IP literal), so a page on another
+site whose name was re-bound to 127.0.0.1 (DNS rebinding) gets 400; and it refuses every request a
+browser marks as coming from another origin (``Origin`` not this server, ``Sec-Fetch-Site`` cross-site
+or same-site outside a navigation), so no web page can post to it or embed its files (403). Query by
+example uses the first 30 s of the upload (``Library.EXAMPLE_MAX_S``), decoded and encoded outside the
+library lock.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import mimetypes
 import os
+import re
 import tempfile
 import time
+from http import HTTPStatus
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -48,6 +60,53 @@ mimetypes.add_type("audio/aiff", ".aif")
 
 class _TooLarge(Exception):
     pass
+
+
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+_WILDCARD = ("0.0.0.0", "::", "")
+_ID = re.compile(r"[0-9]{1,18}")  # ASCII digits only: str.isdigit() also accepts '²' and '١'
+
+
+def _split_host(value: str) -> tuple[str, str] | None:
+    """(host name lower-cased, port or '') of a Host header value, or None if it is malformed."""
+    value = value.strip()
+    if not value or any(c in value for c in "/@?#\\ ") or not value.isascii():
+        return None
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\](?::([0-9]{1,5}))?|([^:\[\]]+)(?::([0-9]{1,5}))?", value)
+    if not m:
+        return None
+    name = (m.group(1) or m.group(3)).lower().rstrip(".")
+    return name, m.group(2) or m.group(4) or ""
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+class HostPolicy:
+    """Which Host headers name this server: the bound address, the loopback names when bound to
+    loopback or everywhere, extra names (``--allow-host``), and any IP literal for a wildcard bind (a
+    rebinding page always sends its own *name*, never an IP)."""
+
+    def __init__(self, host: str = "127.0.0.1", allow_hosts=()):
+        host = (host or "").strip("[]").lower()
+        self.any_ip = host in _WILDCARD
+        self.names = {h.strip().strip("[]").lower().rstrip(".") for h in allow_hosts if h.strip()}
+        if not self.any_ip:
+            self.names.add(host)
+        if self.any_ip or host in _LOOPBACK_NAMES or host.startswith("127."):
+            self.names.update(_LOOPBACK_NAMES)
+
+    def allows(self, host_header: str | None) -> bool:
+        parts = _split_host(host_header or "")
+        if parts is None:
+            return False
+        name = parts[0]
+        return name in self.names or (self.any_ip and _is_ip(name))
 
 
 def _err(status: int, message: str, fix: str | None = None) -> JSONResponse:
@@ -74,23 +133,68 @@ _SECURITY_HEADERS = [
 
 
 class _Guard:
-    """Pure ASGI middleware: security headers on every response, and a hard limit on POST bodies
-    (Content-Length first, then counted while streaming, so a client that lies or streams chunked
-    cannot fill memory or disk)."""
+    """Pure ASGI middleware, the one place every request passes first: the Host and cross-origin rules
+    (see the module docstring; written here rather than with Starlette's TrustedHostMiddleware so the
+    refusals are JSON with a fix like every other error, and IP-literal hosts of a wildcard bind work),
+    security headers on every response, and a hard limit on POST bodies (Content-Length first, then
+    counted while streaming, so a client that lies or streams chunked cannot fill memory or disk)."""
 
-    def __init__(self, app, limit: int | None):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int | None, hosts: HostPolicy | None = None):
+        self.app, self.limit, self.hosts = app, limit, hosts or HostPolicy()
+
+    def _refusal(self, scope) -> JSONResponse | None:
+        headers = {}
+        for k, v in scope.get("headers", []):
+            headers.setdefault(k.decode("latin-1").lower(), v.decode("latin-1"))
+        host = headers.get("host")
+        if not self.hosts.allows(host):
+            return _err(400, f"this server does not answer to the host {host!r}" if host else
+                        "the request has no Host header",
+                        "open the page by the address the server prints, or start it with --allow-host NAME")
+        origin = headers.get("origin")
+        if origin is not None:
+            o = urlsplit(origin)
+            same = o.scheme == scope.get("scheme", "http") and o.netloc.lower() == host.lower()
+            if origin == "null" or not same:
+                return _err(403, "cross-origin request refused: another web page cannot use this server",
+                            "use the search page this server serves")
+        site, mode = headers.get("sec-fetch-site"), headers.get("sec-fetch-mode")
+        if site in ("cross-site", "same-site") and not (mode == "navigate" and scope["method"] == "GET"):
+            return _err(403, "cross-site request refused: another web page cannot use this server",
+                        "use the search page this server serves")
+        return None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            return await _send_with(refusal, send)
+        scope = _without_bad_range(scope)
         started = False
+        held: dict | None = None  # an error response that is not JSON yet (Starlette's own, plain text)
+        body = b""
 
         async def send_with_headers(msg):
-            nonlocal started
+            nonlocal started, held, body
             if msg["type"] == "http.response.start":
                 started = True
+                ctype = dict(msg.get("headers", [])).get(b"content-type", b"")
+                if msg["status"] >= 400 and not ctype.startswith(b"application/json"):
+                    held = msg
+                    return
                 msg = {**msg, "headers": list(msg.get("headers", [])) + _SECURITY_HEADERS}
+            elif held is not None and msg["type"] == "http.response.body":
+                body += msg.get("body", b"")
+                if msg.get("more_body"):
+                    return
+                text = body.decode("utf-8", "replace").strip()[:300]
+                text = text or HTTPStatus(held["status"]).phrase.lower()
+                resp = _err(held["status"], text)
+                for k, v in held.get("headers", []):  # e.g. Content-Range of a 416
+                    if k.lower() not in (b"content-type", b"content-length"):
+                        resp.headers.append(k.decode("latin-1"), v.decode("latin-1"))
+                return await _send_with(resp, send)
             await send(msg)
 
         if not self.limit or scope["method"] != "POST":
@@ -128,8 +232,31 @@ class _Guard:
         await resp({"type": "http"}, None, send)
 
 
-def create_app(library, *, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
-    """The FastAPI app serving ``library`` (an open ``atae.library.Library``)."""
+_RANGE = re.compile(r"bytes=\s*(\d*-\d*)(\s*,\s*\d*-\d*)*\s*")
+
+
+def _without_bad_range(scope):
+    """A malformed Range header is ignored (RFC 9110 allows it): the whole file is served."""
+    headers = scope.get("headers", [])
+    for k, v in headers:
+        if k == b"range" and not _RANGE.fullmatch(v.decode("latin-1")):
+            return {**scope, "headers": [(a, b) for a, b in headers if a != b"range"]}
+    return scope
+
+
+async def _send_with(resp: JSONResponse, send) -> None:
+    async def with_headers(msg):
+        if msg["type"] == "http.response.start":
+            msg = {**msg, "headers": list(msg.get("headers", [])) + _SECURITY_HEADERS}
+        await send(msg)
+
+    await resp({"type": "http"}, None, with_headers)
+
+
+def create_app(library, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, host: str = "127.0.0.1",
+               allow_hosts=()) -> FastAPI:
+    """The FastAPI app serving ``library`` (an open ``atae.library.Library``); ``host`` is the address
+    it is bound to and ``allow_hosts`` further names it may be reached by (see ``HostPolicy``)."""
     app = FastAPI(title="atae", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.library = library
     cache = Path(library.root) / "cache"
@@ -238,7 +365,7 @@ def create_app(library, *, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
         }
 
     def _file(file_id: str):
-        if not file_id.isdigit() or len(file_id) > 18:
+        if not _ID.fullmatch(file_id):
             return None
         row = library.file(int(file_id))
         if row is None or row.status != "ok":
@@ -305,5 +432,6 @@ def create_app(library, *, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
         s["scorers"] = library.scorers()
         return s
 
-    app.add_middleware(_Guard, limit=max_upload_bytes)  # outermost user middleware: sees the raw body first
+    # outermost user middleware: sees every request, and the raw body, first
+    app.add_middleware(_Guard, limit=max_upload_bytes, hosts=HostPolicy(host, allow_hosts))
     return app

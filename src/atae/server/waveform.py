@@ -18,18 +18,18 @@ MID = (148, 163, 184, 255)  # centre line
 
 
 def file_envelope(path, width: int = WIDTH, block: int = 1 << 18) -> tuple[np.ndarray, np.ndarray]:
-    """Per-column (min, max) of a file's mono mix, normalised to its peak; raises AudioError."""
+    """Per-column (min, max) of a file's mono mix, normalised to its peak; raises AudioError (also for a
+    header that ``atae.audio.check_header`` refuses: nothing is decoded then)."""
     import soundfile as sf
 
+    from atae.audio import open_audio
     from atae.errors import AudioError
 
     lo = np.full(width, np.inf, np.float32)
     hi = np.full(width, -np.inf, np.float32)
     try:
-        with sf.SoundFile(str(path)) as f:
+        with open_audio(path) as f:
             total = int(f.frames)
-            if total <= 0:
-                raise AudioError("no audio frames", path=path)
             pos = 0
             while pos < total:
                 x = f.read(min(block, total - pos), dtype="float32", always_2d=True)

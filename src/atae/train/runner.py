@@ -16,6 +16,7 @@ from atae.features import caption_key
 from atae.io import atomic_write_text
 from atae.losses import make_loss
 from atae.model import AlignedModel
+from atae.printable import escape
 from atae.train.data import TrainData, ValData, embed_packed
 from atae.train.loop import StageResult, plot_learning_curve, seed_everything, train_stage
 from atae.train.recipe import Recipe, load_recipe, load_recipe_from
@@ -188,7 +189,7 @@ def train_from_files(recipe: str | Path, *, train_csv, train_audio, val_csv, val
     val = read_caption_csv(val_csv, val_audio)
     for ds in (clean, val):
         for p in ds.problems:
-            echo(f"warning: {p}")
+            echo(f"warning: {escape(p)}")
     if audio_encoder is None or text_encoder is None:
         da, dt = default_towers()
         audio_encoder, text_encoder = audio_encoder or da, text_encoder or dt
@@ -205,14 +206,14 @@ def train_from_files(recipe: str | Path, *, train_csv, train_audio, val_csv, val
         if noisy_json is not None:
             noisy = read_fsd50k_noisy(noisy_json, noisy_audio)
             for p in noisy.problems[:20]:
-                echo(f"warning: {p}")
+                echo(f"warning: {escape(p)}")
             atab, ttab, report = ensure_dataset_features(noisy, audio_tower, text_tower, feats,
                                                          progress=progress)
             echo(f"features {noisy.name}: {report.summary()}")
         else:
             noisy = _self_tagged(noisy_audio, audio_tower, text_tower, feats, progress, echo)
             for p in noisy[0].problems[:20]:
-                echo(f"warning: {p}")
+                echo(f"warning: {escape(p)}")
             from atae.features import FeatureStore
 
             # the clean sets' tables, re-opened so they include everything extracted so far
