@@ -338,3 +338,23 @@ def test_refuses_to_create_a_library_inside_a_foreign_folder(tmp_path, sounds):
     with pytest.raises(LibraryError, match="not an atae library"):
         _open(sounds)
     assert not (sounds / "library.sqlite").exists()
+
+
+def test_span_filter_keeps_segments_inside_the_given_seconds(tmp_path):
+    """span=(a, b): only segments lying inside seconds [a, b] of their file; the same rule as a loop over
+    the stored segment spans."""
+    from library_fakes import IdentityModel, write_tone_mix
+
+    for i in range(3):
+        write_tone_mix(tmp_path / "s" / f"m{i}.wav", 40.0, seed=i)
+    lib = Library.open(tmp_path / "lib", create=True, audio_tower=BandTower(), text_tower=WordTower(),
+                       model=IdentityModel())
+    lib.add([tmp_path / "s"])
+    res = lib.search("high", k=3, span=(0, 20))
+    assert len(res) == 3 and all(r.start_s >= 0 and r.end_s <= 20 for r in res)
+    spans = lib.db.conn.execute("SELECT start_s, end_s FROM segments").fetchall()
+    assert any(b > 20 for _, b in spans)  # the filter had something to leave out
+    for bad in ((5, 5), (-1, 3), (10, 2)):
+        with pytest.raises(QueryError, match="span"):
+            lib.search("high", span=bad)
+    lib.close()

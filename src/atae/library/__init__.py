@@ -17,10 +17,12 @@ Example (the same as ``atae index`` / ``atae search``)::
 Layout on disk, windowing and incremental rules: ``api.py``, ``indexer.py``, ``db.py``, ``vectors.py``.
 """
 
-from atae.library.api import Library, SearchResult, model_dir_checksum
+from atae.library.api import Library, model_dir_checksum
 from atae.library.indexer import IndexReport
+from atae.library.results import Filters, SearchResult
 
 __all__ = [
+    "Filters",
     "Library",
     "SearchResult",
     "IndexReport",

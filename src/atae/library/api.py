@@ -16,41 +16,17 @@ Changing the model re-embeds the stored raw vectors; the tower never runs again.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import hashlib
-import os
 import threading
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
-from atae.errors import AtaeError, LibraryError, ModelError, QueryError
+from atae.errors import LibraryError, ModelError
 from atae.library import indexer as _indexer
 from atae.library.db import LibraryDB
 from atae.library.lock import WriterLock
-from atae.library.vectors import HNSW_THRESHOLD, TOMBSTONE_REBUILD_FRACTION, VectorIndex, choose_kind
-from atae.query import clean_query
-
-
-@dataclass
-class SearchResult:
-    rank: int
-    score: float  # cosine similarity of the query with the file's best segment
-    path: str
-    duration: float | None  # seconds (whole file)
-    start_s: float  # best-matching span in the file
-    end_s: float
-    file_id: int
-    segment_id: int
-    tags: list[dict] | None = None  # the segment's top AudioSet tags, "matched" = carried the query
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["score"] = round(float(self.score), 6)
-        d["file_name"], d["folder"] = os.path.basename(self.path), os.path.dirname(self.path)
-        d["missing"] = not os.path.isfile(self.path)  # deleted or moved since it was indexed
-        return d
+from atae.library.querying import QueryMixin
+from atae.library.space import VectorSpaceMixin
+from atae.library.vectors import VectorIndex, choose_kind
 
 
 def model_dir_checksum(run_dir: str | Path) -> str:
@@ -86,12 +62,9 @@ def _same_tower(a, b) -> bool:
 
 
 _OWN_FILES = {"library.sqlite", "library.sqlite-wal", "library.sqlite-shm", "lock", "cache"}
-# Query by example uses the first EXAMPLE_MAX_S seconds of the sound: a few seconds describe a sound, and
-# a long upload must cost no more than a short one.
-EXAMPLE_MAX_S = 30.0
 
 
-class Library:
+class Library(VectorSpaceMixin, QueryMixin):
     """A sound library. Use ``Library.open``; thread-safe for searches (one internal lock)."""
 
     def __init__(self, root: Path, db: LibraryDB, *, audio_tower=None, text_tower=None):
@@ -365,112 +338,6 @@ class Library:
                 )
         return self._text_tower
 
-    # --- the vector space ---------------------------------------------------------------------------
-    @property
-    def space(self) -> str:
-        v = self.model_version
-        return f"model-{v[:16]}" if v else f"raw-{self.audio_tower_key}"
-
-    @property
-    def index_path(self) -> Path:
-        return self.root / f"vectors-{self.space}.faiss"
-
-    def _embed(self, seqs) -> np.ndarray:
-        """Search vectors (n, D) for raw tower sequences [(T_i, F)]: the model's audio embedding, or without
-        a model the element mean of the raw vectors."""
-        m = self.model if self.model_version else None
-        if m is None:
-            return np.stack([np.asarray(s, dtype=np.float32).mean(axis=0) for s in seqs])
-        return m.encode_audio(seqs)
-
-    def _dim(self) -> int:
-        if self.model_version:
-            for _ids, seqs in self.db.iter_raw(batch=1):
-                return self._embed(seqs[:1]).shape[1]
-            return 0
-        return int(self.stored_tower_info.dim)
-
-    def _refresh(self, force: bool = False) -> None:
-        """Make the in-memory index match SQLite's committed rows (load, then append/remove the diff)."""
-        gen = self.db.generation()
-        if not force and gen == self._gen and self.index is not None:
-            return
-        changed = False
-        live = self.db.segment_ids()
-        if self.index is None:
-            self.index = VectorIndex.load(self.index_path)
-        want = self._want_kind(len(live))
-        dim = self._dim() if len(live) else None
-        if self.index is None or (dim is not None and self.index.dim != dim) or self.index.kind != want:
-            self.index = VectorIndex.empty(dim or 1, want) if dim else VectorIndex.empty(1, want)
-            have = np.zeros(0, np.int64)
-            changed = True
-        else:
-            have = self.index.ids()
-        extra = np.setdiff1d(have, live, assume_unique=True)
-        if len(extra):
-            if self.index.remove(extra):
-                changed = True
-            elif len(extra) > TOMBSTONE_REBUILD_FRACTION * max(self.index.ntotal, 1):
-                self.index = VectorIndex.empty(self.index.dim, want)
-                have = np.zeros(0, np.int64)
-                changed = True
-        missing = np.setdiff1d(live, have, assume_unique=True)
-        for ids, raw in self.db.iter_raw(missing if len(missing) < len(live) else None):
-            self.index.add(ids, self._embed(raw))
-            changed = True
-        self._max_id = int(live[-1]) if len(live) else 0
-        self._gen = gen
-        if changed and len(live):
-            # persist the repaired index only if no indexer is running (it owns the file then)
-            if self._writer.held:
-                self.save_index()
-            elif self._writer.try_acquire():
-                try:
-                    self.save_index()
-                except (AtaeError, OSError):
-                    pass  # a reader's repair is a cache: searching goes on without persisting it
-                finally:
-                    self._writer.release()
-
-    def _want_kind(self, n: int) -> str:
-        if self.index_kind != "auto":
-            return self.index_kind
-        cur = self.index.kind if self.index is not None else None
-        if cur == "hnsw" and n > HNSW_THRESHOLD // 2:  # hysteresis: no flapping around the threshold
-            return "hnsw"
-        return choose_kind("auto", n)
-
-    def _remove_stale_index_files(self) -> None:
-        for p in self.root.glob("vectors-*.faiss"):
-            if p != self.index_path:
-                p.unlink(missing_ok=True)
-
-    # --- hooks of the indexer (the only writer, holding the writer lock) -------------------------------
-    def drop_vectors(self, ids: np.ndarray) -> None:
-        """Forget the vectors of removed segments (HNSW keeps tombstones; searches skip ids SQLite no
-        longer has)."""
-        if self.index is not None and len(ids):
-            self.index.remove(ids)
-
-    def sync_new_vectors(self) -> None:
-        """Append the vectors of the segments committed since the last call."""
-        ids = self.db.segment_ids_after(self._max_id)
-        if not len(ids):
-            return
-        if self.index is None or self.index.ntotal == 0:
-            self._refresh(force=True)
-            return
-        for sid, raw in self.db.iter_raw(ids):
-            self.index.add(sid, self._embed(raw))
-        self._max_id = int(ids[-1])
-        self._gen = self.db.generation()
-
-    def save_index(self) -> None:
-        """Write the FAISS file (atomically)."""
-        if self.index is not None and self.index.ntotal:
-            self.index.save(self.index_path)
-
     @contextlib.contextmanager
     def _write(self, *, wait: bool = False):
         """Hold the writer lock (``wait``: queue behind another indexer instead of refusing)."""
@@ -537,208 +404,3 @@ class Library:
         """The FileRow of an indexed file id (None if unknown): the web server serves audio only by id."""
         with self._lock:
             return self.db.file(file_id)
-
-    # --- search --------------------------------------------------------------------------------------
-    def query_vector(self, *, text: str | None = None, audio=None) -> np.ndarray:
-        """The query's vector in the library's space (text needs a trained model)."""
-        if (text is None) == (audio is None):
-            raise QueryError("give exactly one of a text query or an example sound (audio=...)")
-        if text is not None:
-            text = clean_query(text)
-            m = self.model if self.model_version else None
-            if m is None:
-                raise QueryError(
-                    "text search needs a trained model, and this library was indexed without one",
-                    path=self.root,
-                    fix="train a model (atae train ...) and re-index with "
-                    "`atae index DIR --db LIB --model RUN`, or use --scorer bridge",
-                )
-            return m.encode_text([self.text_tower.encode([text])[0]])[0]
-        return self._embed([self.example_raw(audio)])[0]
-
-    def example_raw(self, audio) -> np.ndarray:
-        """The raw tower sequence (T, F) of an example sound (a path, or (wave, sample_rate)): its first
-        ``EXAMPLE_MAX_S`` seconds. Decoding and encoding run outside the library lock (only the tower is
-        looked up under it), so a long example never holds up other searches."""
-        from atae.audio import load_audio
-
-        with self._lock:
-            tower = self.audio_tower
-        if isinstance(audio, (str, Path)):
-            wave = load_audio(audio, tower.sample_rate, duration_s=EXAMPLE_MAX_S)
-        else:
-            wave, sr = audio
-            wave = np.asarray(wave, dtype=np.float32)
-            if wave.ndim == 2:
-                wave = wave.mean(axis=1)
-            wave = wave[: int(EXAMPLE_MAX_S * sr)]
-            if sr != tower.sample_rate:
-                import soxr
-
-                wave = soxr.resample(wave, sr, tower.sample_rate).astype(np.float32)
-        return np.asarray(tower.encode(wave).seq, dtype=np.float32)
-
-    def search(
-        self,
-        text: str | None = None,
-        *,
-        audio=None,
-        k: int = 10,
-        min_duration: float | None = None,
-        max_duration: float | None = None,
-        glob: str | None = None,
-        scorer=None,
-    ) -> list[SearchResult]:
-        """Rank the library's files for a text query or an example sound; one result per file (its best
-        segment). ``glob`` (fnmatch) must match the file name or its full path. ``scorer``: None or
-        "adapter" (alias "model": the library's vector space), "bridge" / "hybrid" (zero-shot via AudioSet
-        tags, ``scorers.py``), or any object with ``score(library, text) -> (segment_ids, scores)``
-        (optionally ``top(library, text, n)``: the n best, for a fast exact top-k)."""
-        if not isinstance(k, int) or k < 1 or k > 10_000:
-            raise QueryError(f"k must be an integer between 1 and 10000, not {k!r}")
-        example = None
-        if audio is not None and text is None and scorer is None:
-            example = self.example_raw(audio)  # before taking the lock (see example_raw)
-        with self._lock:
-            self._refresh()
-            scorer = self._resolve_scorer(scorer) if scorer is not None else None
-            if text is not None:
-                text = clean_query(text)
-            if scorer is not None:
-                if text is None:
-                    raise QueryError("a scorer ranks text queries; drop --scorer for query by example")
-                if hasattr(scorer, "top"):
-                    fetch = max(4 * k, 64)
-                    while True:
-                        ids, scores = scorer.top(self, text, fetch)
-                        res = self._collect(ids, scores, k, min_duration, max_duration, glob)
-                        if len(res) >= k or len(ids) < fetch:
-                            return res
-                        fetch *= 4
-                ids, scores = scorer.score(self, text)
-                order = np.argsort(-np.asarray(scores), kind="stable")
-                return self._collect(
-                    np.asarray(ids)[order], np.asarray(scores)[order], k, min_duration, max_duration, glob
-                )
-            if example is not None:
-                q = self._embed([example])[0]
-            else:
-                q = self.query_vector(text=text, audio=audio)
-            if self.index is None or self.index.ntotal == 0:
-                return []
-            fetch = max(4 * k, 64)
-            while True:
-                scores, ids = self.index.search(q, fetch)
-                res = self._collect(ids, scores, k, min_duration, max_duration, glob)
-                if len(res) >= k or fetch >= self.index.ntotal:
-                    return res
-                fetch *= 4
-
-    def _collect(self, ids, scores, k, min_duration, max_duration, glob) -> list[SearchResult]:
-        rows = self.db.segment_rows([int(i) for i in ids])
-        best: dict[int, SearchResult] = {}
-        for sid, sc in zip(ids, scores, strict=True):
-            r = rows.get(int(sid))
-            if r is None:  # tombstone: removed since the index was built
-                continue
-            fid, path, dur, a, b = r
-            if fid in best:
-                continue
-            if min_duration is not None and (dur is None or dur < min_duration):
-                continue
-            if max_duration is not None and (dur is None or dur > max_duration):
-                continue
-            if glob and not (fnmatch.fnmatch(os.path.basename(path), glob) or fnmatch.fnmatch(path, glob)):
-                continue
-            best[fid] = SearchResult(
-                len(best) + 1, float(sc), path, dur, float(a), float(b), int(fid), int(sid)
-            )
-            if len(best) >= k:
-                break
-        return list(best.values())
-
-    def _resolve_scorer(self, scorer):
-        """None for the adapter (the library's own vector space), a scorer object, or a name in
-        ``scorers.SCORERS``."""
-        if hasattr(scorer, "score"):
-            return scorer
-        from atae.library import scorers
-
-        name = scorers.canonical(scorer)
-        return None if name == "adapter" else scorers.SCORERS[name]
-
-    def scorers(self) -> dict:
-        """{"available": [names], "default": name or None, "unavailable": {name: why}, "untagged": n} for
-        UIs; ``untagged``: segments that bridge and hybrid results leave out (no AudioSet tags)."""
-        from atae.library import scorers
-
-        with self._lock:
-            key = (self.db.generation(), self.model_version)
-            if self._unavailable is None or self._unavailable[0] != key:  # the web page asks per search
-                why = scorers.unavailable(self)
-                untagged = self.db.count_untagged() if "bridge" not in why else 0
-                self._unavailable = (key, why, untagged)
-            why = dict(self._unavailable[1])
-            names = [n for n in scorers.SCORER_NAMES if n not in why]
-            return {"available": names, "default": scorers.preferred(names, self._unavailable[2]),
-                    "unavailable": why,
-                    "untagged": self._unavailable[2]}
-
-    @property
-    def tag_bridge(self):
-        """The zero-shot bridge of this library: the model's text tower (else the default MiniLM) and the
-        model's tuned temperature (else the default)."""
-        from atae import bridge
-
-        with self._lock:
-            if self._tag_bridge is None or self._tag_bridge[0] != self.model_version:
-                model = self.model if self.model_version else None
-                tower = self._text_tower or self.text_tower
-                if tower is None:
-                    from atae.towers.registry import get_text_tower
-
-                    tower = get_text_tower("minilm", layer=bridge.BRIDGE_TEXT_LAYER)
-                tb = bridge.TagBridge(tower, temperature=bridge.bridge_temperature(model))
-                self._tag_bridge = (self.model_version, tb)
-            return self._tag_bridge[1]
-
-    def search_state(self):
-        """The ``SearchState`` of the current generation (built on first use, shared by the scorers)."""
-        from atae.library.search import SearchState
-
-        with self._lock:
-            self._refresh()
-            key = (self.db.generation(), self.model_version, id(self.index), self.index.ntotal)
-            if self._state is None or self._state[0] != key:
-                ids, tags = self.db.tags_matrix()
-                if tags is None:
-                    tags = np.zeros((0, 527), np.float32)
-                vi = self.index if self.model_version and len(ids) else None
-                self._state = (key, SearchState(ids, tags, vi, vi.rows_of(ids) if vi is not None else None))
-            return self._state[1]
-
-    # --- result details: why a result matched, more like this (explain.py, similar.py) ---------------
-    def explain(self, results: list[SearchResult], *, text: str | None = None) -> list[SearchResult]:
-        """Fill each result's ``tags``: the segment's top AudioSet tags, with those that carried the text
-        query marked ``matched`` (no text: nothing marked). A no-op when the tower has no AudioSet head."""
-        from atae.library import explain
-
-        with self._lock:
-            dist = explain.text_distribution(self, clean_query(text)) if text is not None else None
-            explain.attach(self, results, dist)
-        return results
-
-    def similar(self, segment_ids, *, k: int = 10, **filters) -> list[SearchResult]:
-        """More like this: the k files nearest the given segments (their own file left out); no model or
-        audio decoding needed; ``filters``: ``min_duration``, ``max_duration``, ``glob`` as in ``search``.
-        See ``atae.library.similar``."""
-        from atae.library.similar import similar
-
-        ids = [segment_ids] if isinstance(segment_ids, (int, np.integer)) else segment_ids
-        return similar(self, ids, k=k, **filters)
-
-    def segments_at(self, path: str | Path, seconds: float | None = None) -> list[int]:
-        """The segment ids of an indexed file (at ``seconds``: the one nearest that time)."""
-        from atae.library.similar import segments_at
-
-        return segments_at(self, str(path), seconds)

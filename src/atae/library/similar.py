@@ -17,6 +17,7 @@ import os
 import numpy as np
 
 from atae.errors import QueryError
+from atae.library.results import Filters
 
 
 class UnknownSegment(QueryError):
@@ -73,13 +74,14 @@ def describe(library, segment_id: int) -> dict:
 
 
 def similar(library, segment_ids, *, k: int = 10, min_duration: float | None = None,
-            max_duration: float | None = None, glob: str | None = None):
+            max_duration: float | None = None, glob: str | None = None, span=None):
     """``SearchResult``s of the k files most similar to the given segments (their own file left out),
     best first, each with its tags explained by what the segments share; filters as ``Library.search``."""
     from atae.library.explain import attach, example_distribution
 
     if not isinstance(k, int) or k < 1 or k > 10_000:
         raise QueryError(f"k must be an integer between 1 and 10000, not {k!r}")
+    filters = Filters(min_duration, max_duration, glob, span)
     ids = [int(s) for s in segment_ids]
     if not ids:
         raise QueryError("no sound to search like", fix="give a segment id or an indexed file")
@@ -93,7 +95,7 @@ def similar(library, segment_ids, *, k: int = 10, min_duration: float | None = N
         while True:
             scores, hits = index.search(q, fetch)
             keep = np.array([int(h) not in own for h in hits], dtype=bool)
-            res = library._collect(hits[keep], scores[keep], k, min_duration, max_duration, glob)
+            res = library._collect(hits[keep], scores[keep], k, filters)
             if len(res) >= k or fetch >= index.ntotal:
                 break
             fetch *= 4

@@ -23,8 +23,8 @@ loopback names, ``--allow-host`` names, or with a wildcard bind any IP literal),
 site whose name was re-bound to 127.0.0.1 (DNS rebinding) gets 400; and it refuses every request a
 browser marks as coming from another origin (``Origin`` not this server, ``Sec-Fetch-Site`` cross-site
 or same-site outside a navigation), so no web page can post to it or embed its files (403). Query by
-example uses the first 30 s of the upload (``Library.EXAMPLE_MAX_S``), decoded and encoded outside the
-library lock.
+example uses the first 30 s of the upload (``atae.library.querying.EXAMPLE_MAX_S``), decoded and
+encoded outside the library lock.
 """
 
 from __future__ import annotations

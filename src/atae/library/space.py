@@ -1,0 +1,124 @@
+"""A library's vector space: which vectors are searched, the index file that holds them, and keeping that
+index in step with SQLite's committed rows (a derived cache: rebuilt from the stored raw embeddings).
+
+The *space* is ``model-<version>`` (a trained model's audio embeddings) or ``raw-<tower key>`` (the tower's
+own embeddings, their element mean). ``Library`` inherits this; the indexer calls the hooks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from atae.errors import AtaeError
+from atae.library.vectors import HNSW_THRESHOLD, TOMBSTONE_REBUILD_FRACTION, VectorIndex, choose_kind
+
+
+class VectorSpaceMixin:
+    """The vector-space half of ``Library`` (it provides ``root``, ``db``, ``model``, ``index`` ...)."""
+
+    @property
+    def space(self) -> str:
+        v = self.model_version
+        return f"model-{v[:16]}" if v else f"raw-{self.audio_tower_key}"
+
+    @property
+    def index_path(self) -> Path:
+        return self.root / f"vectors-{self.space}.faiss"
+
+    def _embed(self, seqs) -> np.ndarray:
+        """Search vectors (n, D) for raw tower sequences [(T_i, F)]: the model's audio embedding, or without
+        a model the element mean of the raw vectors."""
+        m = self.model if self.model_version else None
+        if m is None:
+            return np.stack([np.asarray(s, dtype=np.float32).mean(axis=0) for s in seqs])
+        return m.encode_audio(seqs)
+
+    def _dim(self) -> int:
+        if self.model_version:
+            for _ids, seqs in self.db.iter_raw(batch=1):
+                return self._embed(seqs[:1]).shape[1]
+            return 0
+        return int(self.stored_tower_info.dim)
+
+    def _refresh(self, force: bool = False) -> None:
+        """Make the in-memory index match SQLite's committed rows (load, then append/remove the diff)."""
+        gen = self.db.generation()
+        if not force and gen == self._gen and self.index is not None:
+            return
+        changed = False
+        live = self.db.segment_ids()
+        if self.index is None:
+            self.index = VectorIndex.load(self.index_path)
+        want = self._want_kind(len(live))
+        dim = self._dim() if len(live) else None
+        if self.index is None or (dim is not None and self.index.dim != dim) or self.index.kind != want:
+            self.index = VectorIndex.empty(dim or 1, want) if dim else VectorIndex.empty(1, want)
+            have = np.zeros(0, np.int64)
+            changed = True
+        else:
+            have = self.index.ids()
+        extra = np.setdiff1d(have, live, assume_unique=True)
+        if len(extra):
+            if self.index.remove(extra):
+                changed = True
+            elif len(extra) > TOMBSTONE_REBUILD_FRACTION * max(self.index.ntotal, 1):
+                self.index = VectorIndex.empty(self.index.dim, want)
+                have = np.zeros(0, np.int64)
+                changed = True
+        missing = np.setdiff1d(live, have, assume_unique=True)
+        for ids, raw in self.db.iter_raw(missing if len(missing) < len(live) else None):
+            self.index.add(ids, self._embed(raw))
+            changed = True
+        self._max_id = int(live[-1]) if len(live) else 0
+        self._gen = gen
+        if changed and len(live):
+            # persist the repaired index only if no indexer is running (it owns the file then)
+            if self._writer.held:
+                self.save_index()
+            elif self._writer.try_acquire():
+                try:
+                    self.save_index()
+                except (AtaeError, OSError):
+                    pass  # a reader's repair is a cache: searching goes on without persisting it
+                finally:
+                    self._writer.release()
+
+    def _want_kind(self, n: int) -> str:
+        if self.index_kind != "auto":
+            return self.index_kind
+        cur = self.index.kind if self.index is not None else None
+        if cur == "hnsw" and n > HNSW_THRESHOLD // 2:  # hysteresis: no flapping around the threshold
+            return "hnsw"
+        return choose_kind("auto", n)
+
+    def _remove_stale_index_files(self) -> None:
+        for p in self.root.glob("vectors-*.faiss"):
+            if p != self.index_path:
+                p.unlink(missing_ok=True)
+
+    # --- hooks of the indexer (the only writer, holding the writer lock) -------------------------------
+    def drop_vectors(self, ids: np.ndarray) -> None:
+        """Forget the vectors of removed segments (HNSW keeps tombstones; searches skip ids SQLite no
+        longer has)."""
+        if self.index is not None and len(ids):
+            self.index.remove(ids)
+
+    def sync_new_vectors(self) -> None:
+        """Append the vectors of the segments committed since the last call."""
+        ids = self.db.segment_ids_after(self._max_id)
+        if not len(ids):
+            return
+        if self.index is None or self.index.ntotal == 0:
+            self._refresh(force=True)
+            return
+        for sid, raw in self.db.iter_raw(ids):
+            self.index.add(sid, self._embed(raw))
+        self._max_id = int(ids[-1])
+        self._gen = self.db.generation()
+
+    def save_index(self) -> None:
+        """Write the FAISS file (atomically)."""
+        if self.index is not None and self.index.ntotal:
+            self.index.save(self.index_path)
