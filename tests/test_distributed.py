@@ -4,6 +4,7 @@ driver. One local Ray session (2 CPUs) for the file: Ray's start costs seconds, 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -122,3 +123,80 @@ def test_without_ray_the_error_names_the_extra(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_ray)
     with pytest.raises(DataError, match=r"atae\[distributed\]"):
         require_ray()
+
+
+def _library(path, tower):
+    from atae.library import Library
+
+    return Library.open(path, create=True, audio_tower=tower, long_s=6.0, window_s=2.0, hop_s=1.0)
+
+
+def test_indexing_on_ray_equals_the_sequential_library(session, shared, mn04, tmp_path):
+    """`atae index --engine ray`: the same files, segments, raw vectors and tags as the sequential run,
+    with a broken file reported and a long file windowed; a second run encodes nothing."""
+    import soundfile as sf
+
+    src = tmp_path / "src"
+    src.mkdir()
+    files = sorted((shared / "data/esc50/audio_16k").glob("*.ogg"))[:10]
+    for f in files:
+        shutil.copy(f, src / f.name)
+    wave = np.concatenate([sf.read(f)[0] for f in files[:3]])  # 15 s: windowed
+    sf.write(src / "long.wav", wave, 16000)
+    (src / "broken.wav").write_bytes(b"RIFF but not really")
+    seq, par = _library(tmp_path / "seq", mn04), _library(tmp_path / "ray", mn04)
+    a = seq.add([src])
+    b = par.add([src], engine="ray", workers=1)
+    assert (b.new, len(b.failed)) == (a.new, len(a.failed)) == (11, 1)
+
+    def rows(lib):
+        return {r[0]: r[1:] for r in lib.db.conn.execute(
+            "SELECT f.path, s.start_s, s.end_s, s.raw, s.tags FROM segments s "
+            "JOIN files f ON f.id = s.file_id ORDER BY f.path, s.seg_index")}
+
+    ra, rb = rows(seq), rows(par)
+    assert sorted(ra) == sorted(rb) and seq.db.counts()["segments"] == par.db.counts()["segments"] > 11
+    for p in ra:
+        assert ra[p][:2] == rb[p][:2]
+        np.testing.assert_allclose(np.frombuffer(ra[p][2], np.float32), np.frombuffer(rb[p][2], np.float32),
+                                   atol=1.2e-5)
+    again = par.add([src], engine="ray")
+    assert (again.new, again.changed, again.unchanged) == (0, 0, 12)
+    assert not (tmp_path / "ray" / "ray-work").exists()
+    seq.close()
+    par.close()
+
+
+def test_a_killed_ray_index_resumes_with_every_file_once(session, shared, mn04, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in sorted((shared / "data/esc50/audio_16k").glob("*.ogg"))[:40]:
+        shutil.copy(f, src / f.name)
+    lib_dir = tmp_path / "lib"
+    _library(lib_dir, mn04).close()  # set up with the test's windowing; the child reopens it
+    script = textwrap.dedent(f"""
+        from atae.library import Library
+        from atae.towers.registry import get_audio_tower
+        tower = get_audio_tower("efficientat-mn04", weights={str(shared / MN04)!r})
+        Library.open({str(lib_dir)!r}, audio_tower=tower).add([{str(src)!r}], engine="ray")
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if list((lib_dir / "ray-work").glob(f"*{MARKER}")):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the job ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    lib = _library(lib_dir, mn04)
+    assert lib.db.counts()["files"] < 40
+    rep = lib.add([src], engine="ray")
+    assert not rep.failed and rep.new + rep.unchanged == 40
+    paths = [r[0] for r in lib.db.conn.execute("SELECT path FROM files")]
+    assert len(paths) == len(set(paths)) == 40 and lib.db.counts()["segments"] == 40
+    assert list(lib.index.ids()) == list(lib.db.segment_ids())
+    lib.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import click
 
+from atae.cli.options import device_option
 from atae.cli.output import echo, echo_json
 
 
@@ -63,6 +64,21 @@ from atae.cli.output import echo, echo_json
     type=click.Choice(["auto", "flat", "hnsw"]),
     help="Vector index: exact (flat) or HNSW; auto = HNSW above 50,000 segments (default).",
 )
+@click.option(
+    "--store",
+    default=None,
+    type=click.Choice(["faiss", "lance"]),
+    help="Where the vectors live: faiss (default, in memory) or lance (a LanceDB table on disk or object "
+    'storage, for tens of millions of segments; pip install "atae[distributed]"). Switching rebuilds them.',
+)
+@device_option
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where files are encoded: this process, or a Ray cluster "
+              '(pip install "atae[distributed]"); this process decides and commits either way.')
+@click.option("--ray-address", default=None, help="A running Ray cluster (e.g. ray://host:10001 or auto); "
+              "default: a local one on this machine's CPUs.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1),
+              help="Tower actors with --engine ray.")
 @click.option("--wait", is_flag=True, help="If another process is indexing this library, wait for it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar (TTY only).")
@@ -77,6 +93,11 @@ def index(
     long_s,
     ext,
     index_kind,
+    store,
+    device,
+    engine,
+    ray_address,
+    workers,
     wait,
     as_json,
     progress,
@@ -111,8 +132,11 @@ def index(
         hop_s=hop_s,
         long_s=long_s,
         index=index_kind,
+        store=store,
+        device=device,
     ) as lib:
-        rep = lib.add(list(dirs), exts=ext, progress=progress and sys.stderr.isatty(), wait=wait)
+        rep = lib.add(list(dirs), exts=ext, progress=progress and sys.stderr.isatty(), wait=wait,
+                      engine=engine, ray_address=ray_address, workers=workers)
         stats = lib.stats()
     if as_json:
         echo_json({"report": rep.to_dict(), "library": stats})
@@ -120,7 +144,7 @@ def index(
     echo(rep.summary())
     echo(
         f"library: {stats['files']} files, {stats['segments']} segments, {stats['hours']:.2f} h, "
-        f"index {stats['index']}, space {stats['space']}"
+        f"index {stats['index']} ({stats['store']}), space {stats['space']}"
     )
     if rep.failed:
         echo(
@@ -198,12 +222,13 @@ def prune(db, dry_run, wait, as_json):
     type=click.IntRange(1, 2048),
     help="Largest example sound accepted for query by example.",
 )
-def serve(db, host, port, allow_hosts, max_upload_mb):
+@device_option
+def serve(db, host, port, allow_hosts, max_upload_mb, device):
     """Serve a search page for the library at --db (search box, players, waveforms, query by example)."""
     from atae.library import Library
     from atae.server.run import serve_library
 
-    lib = Library.open(db)
+    lib = Library.open(db, device=device)
     if host not in ("127.0.0.1", "localhost", "::1"):
         echo(
             f"warning: listening on {host}: anyone who can reach it can search and play your files",

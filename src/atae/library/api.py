@@ -64,12 +64,23 @@ def _same_tower(a, b) -> bool:
 _OWN_FILES = {"library.sqlite", "library.sqlite-wal", "library.sqlite-shm", "lock", "cache"}
 
 
+def _checked_store(store: str) -> str:
+    if store not in ("faiss", "lance"):
+        raise LibraryError(f"unknown store {store!r}", fix="use --store faiss or lance")
+    if store == "lance":
+        from atae.library.lance_vectors import require_lancedb
+
+        require_lancedb()
+    return store
+
+
 class Library(VectorSpaceMixin, QueryMixin):
     """A sound library. Use ``Library.open``; thread-safe for searches (one internal lock)."""
 
-    def __init__(self, root: Path, db: LibraryDB, *, audio_tower=None, text_tower=None):
+    def __init__(self, root: Path, db: LibraryDB, *, audio_tower=None, text_tower=None, device: str = "cpu"):
         self.root = Path(root)
         self.db = db
+        self.device = str(device)  # where its towers and model run (``atae.device``)
         self._audio_tower = audio_tower
         self._text_tower = text_tower
         self._model = None
@@ -86,6 +97,7 @@ class Library(VectorSpaceMixin, QueryMixin):
         self.window_s = float(s.get("window_s", _indexer.WINDOW_S))
         self.hop_s = float(s.get("hop_s", _indexer.HOP_S))
         self.index_kind = s.get("index", "auto")
+        self.store = s.get("store", "faiss")
 
     # --- opening ------------------------------------------------------------------------------------
     @classmethod
@@ -103,8 +115,14 @@ class Library(VectorSpaceMixin, QueryMixin):
         hop_s: float | None = None,
         long_s: float | None = None,
         index: str | None = None,
+        store: str | None = None,
+        device: str = "auto",
     ) -> Library:
         """Open the library at ``path`` (``create=True`` makes it if missing).
+
+        ``index``: auto, flat or hnsw (a FAISS store); ``store``: faiss (default) or lance (a LanceDB table,
+        for tens of millions of segments); giving another store or index to an existing library rebuilds
+        its vectors from SQLite. ``device``: where the towers and the model run (``atae.device``).
 
         ``model``: a trained model directory (or an ``AlignedModel``-like object): the library's vectors
         become its audio embeddings (re-embedded from the stored raw vectors if it changed).
@@ -112,6 +130,9 @@ class Library(VectorSpaceMixin, QueryMixin):
         model's tower with the weights it was trained on, else ``best_audio_tower()``); an existing library
         must keep its tower.
         """
+        from atae.device import resolve_device
+
+        device = str(resolve_device(device))  # first: a device that is not there fails before any work
         root = Path(path).expanduser()
         exists = (root / "library.sqlite").exists()
         if not exists and not create:
@@ -119,7 +140,7 @@ class Library(VectorSpaceMixin, QueryMixin):
         if root.exists() and not root.is_dir():
             raise LibraryError("this is a file, not a library folder", path=root,
                                fix="give --db a folder (new or made by `atae index`)")
-        model_obj, model_dir = cls._resolve_model(model)  # a bad model creates nothing
+        model_obj, model_dir = cls._resolve_model(model, device)  # a bad model creates nothing
         if create and not exists:
             if root.exists() and any(p.name not in _OWN_FILES for p in root.iterdir()):
                 raise LibraryError("this folder exists and is not an atae library", path=root,
@@ -127,7 +148,7 @@ class Library(VectorSpaceMixin, QueryMixin):
             root.mkdir(parents=True, exist_ok=True)
         db = LibraryDB(root, create=create)
         try:
-            lib = cls(root, db, audio_tower=audio_tower, text_tower=text_tower)
+            lib = cls(root, db, audio_tower=audio_tower, text_tower=text_tower, device=device)
             if db.get_meta("audio_tower") is None:  # new (or never finished): fix its settings
                 if not create:  # reading never sets a library up, so the unfinished command can finish it
                     raise LibraryError(
@@ -135,9 +156,10 @@ class Library(VectorSpaceMixin, QueryMixin):
                         path=root,
                         fix="run the same `atae index DIR --db LIB` command again to finish setting it up",
                     )
-                lib._init_settings(audio_encoder, audio_weights, model_obj, window_s, hop_s, long_s, index)
+                lib._init_settings(audio_encoder, audio_weights, model_obj, window_s, hop_s, long_s, index,
+                                   store)
             else:
-                lib._check_settings(audio_encoder, window_s, hop_s, long_s, index)
+                lib._check_settings(audio_encoder, window_s, hop_s, long_s, index, store)
             with lib._lock:
                 if model_obj is not None and lib._model_version_of(model_obj, model_dir) != lib.model_version:
                     lib.set_model(model_obj, model_dir=model_dir)
@@ -161,7 +183,7 @@ class Library(VectorSpaceMixin, QueryMixin):
         return False
 
     @staticmethod
-    def _resolve_model(model):
+    def _resolve_model(model, device: str = "cpu"):
         if model is None:
             return None, None
         if isinstance(model, (str, Path)):
@@ -172,10 +194,11 @@ class Library(VectorSpaceMixin, QueryMixin):
                 raise ModelError(
                     "model directory not found", path=d, fix="pass the --out folder of `atae train`"
                 )
-            return AlignedModel.load(d), str(d.resolve())
-        return model, None
+            return AlignedModel.load(d).to(device), str(d.resolve())
+        return (model.to(device) if hasattr(model, "to") else model), None
 
-    def _init_settings(self, audio_encoder, audio_weights, model, window_s, hop_s, long_s, index) -> None:
+    def _init_settings(self, audio_encoder, audio_weights, model, window_s, hop_s, long_s, index,
+                       store) -> None:
         if self._audio_tower is None:
             from atae.towers.registry import best_audio_tower, get_audio_tower
 
@@ -185,7 +208,8 @@ class Library(VectorSpaceMixin, QueryMixin):
 
                 remembered = (getattr(model, "weights_files", None) or {}).get("audio")
                 audio_weights = weights_for(model.audio_info, explicit=audio_weights, remembered=remembered)
-            self._audio_tower = get_audio_tower(name or best_audio_tower(), weights=audio_weights)
+            self._audio_tower = get_audio_tower(name or best_audio_tower(), weights=audio_weights,
+                                                device=self.device)
             audio_weights = getattr(self._audio_tower, "weights_path", None) or audio_weights
         info = self._audio_tower.info
         settings = {
@@ -193,6 +217,7 @@ class Library(VectorSpaceMixin, QueryMixin):
             "window_s": window_s or _indexer.WINDOW_S,
             "hop_s": hop_s or _indexer.HOP_S,
             "index": index or "auto",
+            "store": _checked_store(store or "faiss"),
         }
         choose_kind(settings["index"], 0)
         if settings["hop_s"] <= 0 or settings["window_s"] <= 0 or settings["hop_s"] > settings["window_s"]:
@@ -204,9 +229,9 @@ class Library(VectorSpaceMixin, QueryMixin):
             self.db.set_meta("audio_weights", str(audio_weights) if audio_weights else "")
             self.db.set_meta("settings", settings, as_json=True)
         self.long_s, self.window_s, self.hop_s = settings["long_s"], settings["window_s"], settings["hop_s"]
-        self.index_kind = settings["index"]
+        self.index_kind, self.store = settings["index"], settings["store"]
 
-    def _check_settings(self, audio_encoder, window_s, hop_s, long_s, index) -> None:
+    def _check_settings(self, audio_encoder, window_s, hop_s, long_s, index, store) -> None:
         stored = self.stored_tower_info
         if audio_encoder and audio_encoder != stored.name:
             raise LibraryError(
@@ -222,12 +247,13 @@ class Library(VectorSpaceMixin, QueryMixin):
                     path=self.root,
                     fix="keep the library's windowing, or index into a new --db",
                 )
-        if index is not None and index != self.index_kind:
-            choose_kind(index, 0)
-            s["index"] = index
+        if (index is not None and index != self.index_kind) or (store is not None and store != self.store):
+            if index is not None:
+                choose_kind(index, 0)
+            s["index"], s["store"] = index or self.index_kind, _checked_store(store or self.store)
             with self.db.transaction():
                 self.db.set_meta("settings", s, as_json=True)
-            self.index_kind = index
+            self.index_kind, self.store = s["index"], s["store"]
 
     # --- towers and model -----------------------------------------------------------------------------
     @property
@@ -252,7 +278,7 @@ class Library(VectorSpaceMixin, QueryMixin):
 
             info = self.stored_tower_info
             found = weights_for(info, remembered=self.db.get_meta("audio_weights") or None)
-            self._audio_tower = get_audio_tower(info.name, weights=found)
+            self._audio_tower = get_audio_tower(info.name, weights=found, device=self.device)
         if not _same_tower(self._audio_tower.info, self.stored_tower_info):
             raise LibraryError(
                 f"the audio tower {self._audio_tower.info.name} "
@@ -284,7 +310,7 @@ class Library(VectorSpaceMixin, QueryMixin):
                 )
             from atae.model import AlignedModel
 
-            m = AlignedModel.load(d)
+            m = AlignedModel.load(d).to(self.device)
             if model_dir_checksum(d) != self.model_version:
                 raise ModelError(
                     "the model directory changed since the library was indexed",
@@ -300,7 +326,7 @@ class Library(VectorSpaceMixin, QueryMixin):
     def set_model(self, model, *, model_dir: str | None = None) -> None:
         """Switch the searched space to ``model`` (a dir or object): re-embeds the stored raw vectors."""
         if isinstance(model, (str, Path)):
-            model, model_dir = self._resolve_model(model)
+            model, model_dir = self._resolve_model(model, self.device)
         if model is not None and not _same_tower(model.audio_info, self.stored_tower_info):
             raise ModelError(
                 f"the model was trained on {model.audio_info.name} features but this library "
@@ -329,7 +355,7 @@ class Library(VectorSpaceMixin, QueryMixin):
             from atae.towers.trained_with import weights_for
 
             found = weights_for(m.text_info, remembered=(getattr(m, "weights_files", None) or {}).get("text"))
-            self._text_tower = get_text_tower(m.text_info.name, found)
+            self._text_tower = get_text_tower(m.text_info.name, found, device=self.device)
             if not _same_tower(self._text_tower.info, m.text_info):
                 raise ModelError(
                     f"the text tower {m.text_info.name} found here is not the one the model was trained with",
@@ -356,15 +382,29 @@ class Library(VectorSpaceMixin, QueryMixin):
         progress: bool = False,
         wait: bool = False,
         batch_files: int = _indexer.BATCH_FILES,
+        engine: str = "local",
+        ray_address: str | None = None,
+        workers: int = 1,
     ) -> _indexer.IndexReport:
         """Index (or update) folders/files incrementally; see ``atae.library.indexer`` for the rules.
-        Raises ``LibraryError`` if another process is indexing this library (``wait=True`` queues)."""
+        Raises ``LibraryError`` if another process is indexing this library (``wait=True`` queues).
+        ``engine="ray"``: the files are encoded on a Ray cluster (``atae.library.ray_index``: a local one,
+        or ``ray_address``; ``workers`` tower actors); this process still decides and commits."""
         if isinstance(paths, (str, Path)):
             paths = [paths]
+        if engine == "ray":
+            from atae.library.ray_index import RayEncoder
+
+            encoder = RayEncoder(address=ray_address, workers=workers)
+        elif engine == "local":
+            encoder = _indexer.encode_here
+        else:
+            raise LibraryError(f"unknown engine {engine!r}", fix="use --engine local or ray")
         with self._lock:
             with self._write(wait=wait):
                 self._refresh(force=True)
-                rep = _indexer.run_index(self, paths, exts=exts, progress=progress, batch_files=batch_files)
+                rep = _indexer.run_index(self, paths, exts=exts, progress=progress, batch_files=batch_files,
+                                         encoder=encoder)
                 self._refresh(force=True)  # also switches flat <-> hnsw when the size crossed the threshold
         return rep
 
@@ -389,6 +429,7 @@ class Library(VectorSpaceMixin, QueryMixin):
                 "model_dir": self.model_dir,
                 "audio_tower": self.stored_tower_info.name,
                 "index": self.index.kind if self.index is not None else None,
+                "store": self.store,
                 "window_s": self.window_s,
                 "hop_s": self.hop_s,
                 "long_s": self.long_s,

@@ -166,8 +166,31 @@ def _stat(path: str) -> tuple[int, int] | None:
     return st.st_size, st.st_mtime_ns
 
 
-def run_index(lib, roots, *, exts=None, progress: bool = True, batch_files: int = BATCH_FILES) -> IndexReport:
-    """Bring the library up to date with ``roots`` (the caller holds the writer lock)."""
+def encode_one(lib, path: str) -> tuple:
+    """(duration, sample_rate, channels, [SegmentIn], error or None) of one file with the library's tower
+    and windowing: an unreadable file, or one a tower chokes on, is an error string, not an exception."""
+    try:
+        return (*encode_file(lib.audio_tower, path, long_s=lib.long_s, window_s=lib.window_s,
+                             hop_s=lib.hop_s), None)
+    except AudioError as exc:
+        return None, None, None, [], _reason(exc)
+    except AtaeError:
+        raise
+    except (OSError, ValueError, RuntimeError) as exc:  # a tower choking on odd input
+        return None, None, None, [], f"{type(exc).__name__}: {exc}"
+
+
+def encode_here(lib, todo):
+    """The default encoder: each file of ``todo`` in this process, yielding (item, encode_one's result)."""
+    for item in todo:
+        yield item, encode_one(lib, item[0].path)
+
+
+def run_index(lib, roots, *, exts=None, progress: bool = True, batch_files: int = BATCH_FILES,
+              encoder=encode_here) -> IndexReport:
+    """Bring the library up to date with ``roots`` (the caller holds the writer lock). ``encoder(lib,
+    todo)`` yields each (found, kind, hash) item of ``todo`` with its encoding, in any order
+    (``encode_here``, or ``atae.library.ray_index`` on a cluster)."""
     t0 = time.perf_counter()
     rep = IndexReport()
     db = lib.db
@@ -238,21 +261,8 @@ def run_index(lib, roots, *, exts=None, progress: bool = True, batch_files: int 
     pending: list[tuple] = []
     last_commit = last_save = time.perf_counter()
     try:
-        for f, kind, h in todo:
+        for (f, kind, h), (dur, sr, ch, segs, err) in encoder(lib, todo):
             before = (f.size, f.mtime_ns)
-            try:
-                dur, sr, ch, segs = encode_file(
-                    lib.audio_tower, f.path, long_s=lib.long_s, window_s=lib.window_s, hop_s=lib.hop_s
-                )
-                err = None
-            except AudioError as exc:
-                dur = sr = ch = None
-                segs, err = [], _reason(exc)
-            except AtaeError:
-                raise
-            except (OSError, ValueError, RuntimeError) as exc:  # a tower choking on odd input
-                dur = sr = ch = None
-                segs, err = [], f"{type(exc).__name__}: {exc}"
             after = _stat(f.path)
             if after != before:
                 why = "disappeared while being indexed" if after is None else "changed while being indexed"
@@ -276,6 +286,8 @@ def run_index(lib, roots, *, exts=None, progress: bool = True, batch_files: int 
                     lib.save_index()
                     last_save = now
         _commit(lib, pending, known, rep)
+        if hasattr(encoder, "finish"):
+            encoder.finish(lib)
     finally:
         bar.close()
         lib.save_index()

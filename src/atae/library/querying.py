@@ -107,9 +107,9 @@ class QueryMixin:
                 q = self.query_vector(text=text, audio=audio)
             if self.index is None or self.index.ntotal == 0:
                 return []
-            fetch = max(4 * k, 64)
+            fetch, where = max(4 * k, 64), filters.to_sql()
             while True:
-                scores, ids = self.index.search(q, fetch)
+                scores, ids = self.index.search(q, fetch, where=where)
                 res = self._collect(ids, scores, k, filters)
                 if len(res) >= k or fetch >= self.index.ntotal:
                     return res
@@ -172,7 +172,7 @@ class QueryMixin:
                 if tower is None:
                     from atae.towers.registry import get_text_tower
 
-                    tower = get_text_tower("minilm", layer=bridge.BRIDGE_TEXT_LAYER)
+                    tower = get_text_tower("minilm", layer=bridge.BRIDGE_TEXT_LAYER, device=self.device)
                 tb = bridge.TagBridge(tower, temperature=bridge.bridge_temperature(model))
                 self._tag_bridge = (self.model_version, tb)
             return self._tag_bridge[1]

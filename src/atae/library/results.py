@@ -57,3 +57,24 @@ class Filters:
                               or fnmatch.fnmatch(path, self.glob)):
             return False
         return self.span is None or (start_s >= self.span[0] - 1e-6 and end_s <= self.span[1] + 1e-6)
+
+    def to_sql(self) -> str | None:
+        """The filters as a SQL condition on a vector table's ``duration``, ``name``, ``path``,
+        ``start_s``, ``end_s`` columns (``lance_vectors``), or None when there is none. A glob with a
+        character class ([...]) has no LIKE form: it is left to ``accepts`` on the results."""
+        parts = []
+        if self.min_duration is not None:
+            parts.append(f"duration >= {float(self.min_duration)!r}")
+        if self.max_duration is not None:
+            parts.append(f"duration <= {float(self.max_duration)!r}")
+        if self.glob and "[" not in self.glob:
+            like = _sql_string(self.glob.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+                               .replace("*", "%").replace("?", "_"))
+            parts.append(f"(name LIKE {like} ESCAPE '\\' OR path LIKE {like} ESCAPE '\\')")
+        if self.span is not None:
+            parts.append(f"start_s >= {self.span[0] - 1e-6!r} AND end_s <= {self.span[1] + 1e-6!r}")
+        return " AND ".join(parts) or None
+
+
+def _sql_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"

@@ -2,11 +2,15 @@
 index in step with SQLite's committed rows (a derived cache: rebuilt from the stored raw embeddings).
 
 The *space* is ``model-<version>`` (a trained model's audio embeddings) or ``raw-<tower key>`` (the tower's
-own embeddings, their element mean). ``Library`` inherits this; the indexer calls the hooks.
+own embeddings, their element mean). The *store* holds them: ``faiss`` (the default: an index file,
+``vectors.py``) or ``lance`` (a LanceDB table folder for tens of millions of segments, ``lance_vectors.py``).
+Switching a library's store rebuilds its vectors from SQLite. ``Library`` inherits this; the indexer calls
+the hooks.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +29,28 @@ class VectorSpaceMixin:
 
     @property
     def index_path(self) -> Path:
-        return self.root / f"vectors-{self.space}.faiss"
+        return self.root / f"vectors-{self.space}.{self.store}"
+
+    def _load_index(self):
+        if self.store == "lance":
+            from atae.library.lance_vectors import LanceIndex
+
+            return LanceIndex.load(self.index_path, self._segment_meta)
+        return VectorIndex.load(self.index_path)
+
+    def _new_index(self, dim: int, kind: str):
+        if self.store == "lance":
+            from atae.library.lance_vectors import LanceIndex
+
+            return LanceIndex.empty(self.index_path, dim, self._segment_meta)
+        return VectorIndex.empty(dim, kind)
+
+    def _segment_meta(self, ids) -> tuple[list, list, list, list]:
+        """(paths, file durations, start_s, end_s) of segment ids, for a store that filters itself."""
+        rows = self.db.segment_rows([int(i) for i in ids])
+        got = [rows[int(i)] for i in ids]
+        return ([r[1] for r in got], [r[2] if r[2] is not None else 0.0 for r in got],
+                [r[3] for r in got], [r[4] for r in got])
 
     def _embed(self, seqs) -> np.ndarray:
         """Search vectors (n, D) for raw tower sequences [(T_i, F)]: the model's audio embedding, or without
@@ -50,11 +75,11 @@ class VectorSpaceMixin:
         changed = False
         live = self.db.segment_ids()
         if self.index is None:
-            self.index = VectorIndex.load(self.index_path)
+            self.index = self._load_index()
         want = self._want_kind(len(live))
         dim = self._dim() if len(live) else None
         if self.index is None or (dim is not None and self.index.dim != dim) or self.index.kind != want:
-            self.index = VectorIndex.empty(dim or 1, want) if dim else VectorIndex.empty(1, want)
+            self.index = self._new_index(dim or 1, want)
             have = np.zeros(0, np.int64)
             changed = True
         else:
@@ -64,7 +89,7 @@ class VectorSpaceMixin:
             if self.index.remove(extra):
                 changed = True
             elif len(extra) > TOMBSTONE_REBUILD_FRACTION * max(self.index.ntotal, 1):
-                self.index = VectorIndex.empty(self.index.dim, want)
+                self.index = self._new_index(self.index.dim, want)
                 have = np.zeros(0, np.int64)
                 changed = True
         missing = np.setdiff1d(live, have, assume_unique=True)
@@ -86,6 +111,8 @@ class VectorSpaceMixin:
                     self._writer.release()
 
     def _want_kind(self, n: int) -> str:
+        if self.store == "lance":
+            return "lance"
         if self.index_kind != "auto":
             return self.index_kind
         cur = self.index.kind if self.index is not None else None
@@ -94,8 +121,12 @@ class VectorSpaceMixin:
         return choose_kind("auto", n)
 
     def _remove_stale_index_files(self) -> None:
-        for p in self.root.glob("vectors-*.faiss"):
-            if p != self.index_path:
+        for p in [*self.root.glob("vectors-*.faiss"), *self.root.glob("vectors-*.lance")]:
+            if p == self.index_path:
+                continue
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
                 p.unlink(missing_ok=True)
 
     # --- hooks of the indexer (the only writer, holding the writer lock) -------------------------------
@@ -119,6 +150,8 @@ class VectorSpaceMixin:
         self._gen = self.db.generation()
 
     def save_index(self) -> None:
-        """Write the FAISS file (atomically)."""
+        """Persist the vectors (the FAISS file, atomically, or new rows folded into a Lance table's index)
+        and remove the files of other spaces or stores, which this one replaced."""
         if self.index is not None and self.index.ntotal:
             self.index.save(self.index_path)
+            self._remove_stale_index_files()

@@ -132,8 +132,9 @@ class VectorIndex:
         self._ids = None
         return True
 
-    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores (k,), ids (k,)) for one query; fewer if the index is small. Ids of -1 are dropped."""
+    def search(self, q: np.ndarray, k: int, where: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (k,), ids (k,)) for one query; fewer if the index is small. Ids of -1 are dropped.
+        ``where`` (a store's SQL filter) is not used: FAISS holds no metadata, ``Library`` filters hits."""
         if self.ntotal == 0:
             return np.zeros(0, np.float32), np.zeros(0, np.int64)
         faiss.omp_set_num_threads(1)

@@ -1,0 +1,129 @@
+"""Indexing on a Ray cluster (``atae index --engine ray``): the files the indexer decided to (re)encode are
+encoded by a pool of tower actors; this process still decides what to do and commits every result itself,
+so the library's rules (incremental, crash-safe, one writer) are the sequential path's. Needs the optional
+extra: ``pip install "atae[distributed]"``.
+
+Pipeline (Ray Data): the files → the tower as a pool of stateful actors (``map_batches`` with a callable
+class; each actor holds the library's tower and windowing and runs ``indexer.encode_file``: it decodes in
+pages and encodes each window) → each batch's results written by the worker as a *part* in
+``LIB/ray-work/``, its commit marker last → the indexer ingests parts as they arrive.
+
+A rerun after a killed driver or a lost worker reuses the committed parts of files whose size and mtime
+are unchanged, instead of encoding them again; parts are deleted once the run has committed everything.
+On several machines the library folder must be on storage every node sees (the workers write the parts).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from atae.features.distributed import MARKER, start_ray
+from atae.io import atomic_write_bytes, atomic_write_text
+from atae.library.db import SegmentIn
+
+WORK_DIR = "ray-work"
+
+
+class _EncodeFiles:
+    """A Ray actor: one tower and the library's windowing; encodes whole files (``encode_file``)."""
+
+    def __init__(self, tower, long_s: float, window_s: float, hop_s: float):
+        from types import SimpleNamespace
+
+        self.lib = SimpleNamespace(audio_tower=tower, long_s=long_s, window_s=window_s, hop_s=hop_s)
+
+    def __call__(self, batch: dict) -> dict:
+        from atae.library.indexer import encode_one
+
+        out = [encode_one(self.lib, str(p)) for p in batch["path"]]
+        return {"path": batch["path"], "size": batch["size"], "mtime_ns": batch["mtime_ns"],
+                "result": [json.dumps(_pack_meta(r)) for r in out],
+                "raw": [np.concatenate([s.raw for s in r[3]]) if r[3] else np.zeros((0, 0), np.float32)
+                        for r in out],
+                "tags": [np.stack([s.tags for s in r[3]]) if r[3] and r[3][0].tags is not None
+                         else np.zeros((0, 0), np.float32) for r in out]}
+
+
+def _pack_meta(r) -> dict:
+    dur, sr, ch, segs, err = r
+    return {"duration": dur, "sample_rate": sr, "channels": ch, "error": err,
+            "spans": [[s.start_s, s.end_s, int(len(s.raw))] for s in segs]}
+
+
+def _write_part(batch: dict, work: str) -> dict:
+    """One committed part (all of a batch's files): the arrays, then the marker."""
+    path = Path(work) / f"part-{uuid.uuid4().hex}.npz"
+    buf = io.BytesIO()
+    arrays = {"path": np.array(batch["path"], dtype=str), "size": np.asarray(batch["size"], np.int64),
+              "mtime_ns": np.asarray(batch["mtime_ns"], np.int64),
+              "result": np.array(batch["result"], dtype=str)}
+    for i, (raw, tags) in enumerate(zip(batch["raw"], batch["tags"], strict=True)):
+        arrays[f"raw{i}"], arrays[f"tags{i}"] = raw, tags
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_text(path.with_suffix(MARKER), "")
+    return {"part": [str(path)]}
+
+
+def _read_part(path: Path) -> dict:
+    """{(path, size, mtime_ns): encode_one's result} of one part."""
+    z = np.load(path, allow_pickle=False)
+    out = {}
+    for i, p in enumerate(z["path"].tolist()):
+        meta = json.loads(str(z["result"][i]))
+        raw, tags = z[f"raw{i}"], z[f"tags{i}"]
+        segs, at = [], 0
+        for j, (a, b, n) in enumerate(meta["spans"]):
+            segs.append(SegmentIn(a, b, raw[at:at + n], tags[j] if tags.size else None))
+            at += n
+        key = (p, int(z["size"][i]), int(z["mtime_ns"][i]))
+        out[key] = (meta["duration"], meta["sample_rate"], meta["channels"], segs, meta["error"])
+    return out
+
+
+class RayEncoder:
+    """An ``encoder`` for ``indexer.run_index`` (see the module docstring)."""
+
+    def __init__(self, address: str | None = None, workers: int = 1, batch_files: int = 4,
+                 num_cpus: float = 1.0, num_gpus: float = 0.0):
+        self.address, self.workers, self.batch_files = address, int(workers), int(batch_files)
+        self.num_cpus, self.num_gpus = num_cpus, num_gpus
+
+    def __call__(self, lib, todo):
+        work = Path(lib.root) / WORK_DIR
+        work.mkdir(exist_ok=True)
+        done: dict = {}
+        for marker in sorted(work.glob(f"part-*{MARKER}")):  # a killed run's finished parts
+            done.update(_read_part(marker.with_suffix(".npz")))
+        rest = []
+        for item in todo:
+            f = item[0]
+            hit = done.get((f.path, f.size, f.mtime_ns))
+            if hit is not None:
+                yield item, hit
+            else:
+                rest.append(item)
+        if rest:
+            by_path = {it[0].path: it for it in rest}
+            ray = start_ray(self.address)
+            ds = ray.data.from_items([{"path": it[0].path, "size": it[0].size, "mtime_ns": it[0].mtime_ns}
+                                      for it in rest])
+            ds = ds.map_batches(_EncodeFiles, batch_size=self.batch_files, concurrency=self.workers,
+                                num_cpus=self.num_cpus, num_gpus=self.num_gpus,
+                                fn_constructor_args=(lib.audio_tower, lib.long_s, lib.window_s, lib.hop_s))
+            ds = ds.map_batches(_write_part, batch_size=None, num_cpus=0.5, fn_kwargs={"work": str(work)})
+            for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
+                for part in batch["part"]:
+                    for (path, _, _), result in _read_part(Path(str(part))).items():
+                        yield by_path[path], result
+
+    @staticmethod
+    def finish(lib) -> None:
+        """After the run committed every result: its parts are no longer needed."""
+        shutil.rmtree(Path(lib.root) / WORK_DIR, ignore_errors=True)
