@@ -200,3 +200,37 @@ def test_a_killed_ray_index_resumes_with_every_file_once(session, shared, mn04, 
     assert len(paths) == len(set(paths)) == 40 and lib.db.counts()["segments"] == 40
     assert list(lib.index.ids()) == list(lib.db.segment_ids())
     lib.close()
+
+
+def test_a_worker_that_dies_mid_batch_is_replaced_and_nothing_is_lost(session, shared, mn04, tmp_path):
+    """A decode worker and a tower actor each die once in the middle of a batch (the process exits, as
+    when a node is lost): Ray retries the batch on a new worker and every clip is stored once."""
+    from atae.audio import load_audio
+
+    items = _clips(shared, 12)
+    victim = items[5][0]
+    decode_died, tower_died = tmp_path / "decode-died", tmp_path / "tower-died"
+
+    def dying_loader(path, sr):
+        if Path(path).name == victim and not decode_died.exists():
+            decode_died.touch()
+            os._exit(1)
+        return load_audio(path, sr)
+
+    class DyingTower(type(mn04)):
+        def encode_many(self, waves):
+            if not tower_died.exists():
+                tower_died.touch()
+                os._exit(1)
+            return super().encode_many(waves)
+
+    dying = DyingTower.__new__(DyingTower)
+    dying.__dict__.update(mn04.__dict__)
+    rep = extract_audio_ray(FeatureStore(tmp_path / "ray"), dying, items, batch_size=4, loader=dying_loader)
+    assert decode_died.exists() and tower_died.exists()  # both workers did die
+    table = FeatureStore(tmp_path / "ray").audio_table(mn04.info)
+    assert sorted(table.keys) == sorted(k for k, _ in items) and rep.done == 12 and not rep.failed
+    extract_audio(FeatureStore(tmp_path / "seq"), mn04, items[4:8], progress=False)
+    seq = FeatureStore(tmp_path / "seq").audio_table(mn04.info)
+    for k in seq.keys:
+        np.testing.assert_allclose(table.get(k), seq.get(k), atol=1.2e-5)

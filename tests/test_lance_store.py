@@ -78,6 +78,19 @@ def test_incremental_updates_a_damaged_table_and_switching_stores(tmp_path, soun
     got = lib.search("high", k=5)
     assert got and [r.path for r in got] == [r.path for r in before if not r.path.endswith("m1.wav")][:5]
     lib.close()
+    # a table another version of atae wrote (another layout) is rebuilt the same way
+    import lancedb
+    import pyarrow as pa
+
+    table = next((tmp_path / "lib").glob("vectors-*.lance"))
+    shutil.rmtree(table)
+    old = pa.table({"id": pa.array([1, 2], pa.int64()),
+                    "vector": pa.array([[0.0] * lib.index.dim] * 2, pa.list_(pa.float32(), lib.index.dim))})
+    lancedb.connect(str(table)).create_table("vectors", data=old)
+    lib = _open(tmp_path / "lib", "lance")
+    assert list(lib.index.ids()) == list(lib.db.segment_ids())
+    _same(lib.search("high", k=5), got)
+    lib.close()
     # the same library moved to FAISS and back: the vectors are rebuilt, the answers stay
     lib = _open(tmp_path / "lib", "faiss")
     _same(lib.search("high", k=5), got)

@@ -83,6 +83,8 @@ class LanceIndex:
             table.count_rows()
         except Exception:  # noqa: BLE001 - a half-written or foreign table is a cache to rebuild
             return None
+        if not table.schema.equals(_schema(dim)):  # written by another version of atae: rebuild
+            return None
         return cls(path, table, dim, meta)
 
     @property
