@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from atae.cli import main
-from atae.device import default_batch, resolve_device
+from atae.device import default_batch, gpus_per_worker, resolve_device
 from atae.errors import AtaeError
 
 
@@ -22,6 +22,8 @@ def test_auto_cpu_and_bad_names():
             resolve_device(bad)
     assert default_batch(torch.device("cpu"), 16, 64) == 16
     assert default_batch(torch.device("cuda", 0), 16, 64) == 64
+    # Ray tower actors ask for a card only when the towers run on CUDA
+    assert [gpus_per_worker(d) for d in ("cpu", torch.device("cpu"), "cuda", "cuda:1")] == [0, 0, 1, 1]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")

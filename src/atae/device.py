@@ -44,6 +44,12 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     raise AtaeError(f"unknown device {name!r}", fix=f"use {CHOICES}")
 
 
+def gpus_per_worker(device) -> float:
+    """GPUs each Ray tower actor asks for: one when the towers run on CUDA (Ray then places the actors on
+    GPU nodes and gives each its own card), else none."""
+    return 1.0 if torch.device(str(device)).type == "cuda" else 0.0
+
+
 def default_batch(device: torch.device, cpu: int, accelerator: int) -> int:
     """A batch size suited to ``device``: accelerators want many clips at once, a CPU a few."""
     return cpu if device.type == "cpu" else accelerator

@@ -299,10 +299,12 @@ def ensure_dataset_features(dataset, audio_tower: AudioTower, text_tower: TextTo
     t_kw = {"batch_size": max(batch_size, 64)} if batch_size else {}
     audio_table = store.audio_table(audio_tower.info)
     if engine == "ray":
+        from atae.device import gpus_per_worker
         from atae.features.distributed import extract_audio_ray
 
         ra = extract_audio_ray(audio_table, audio_tower, audio_items, address=ray_address,
-                               concurrency=workers, loader=loader, **a_kw)
+                               concurrency=workers, loader=loader,
+                               num_gpus=gpus_per_worker(getattr(audio_tower, "device", "cpu")), **a_kw)
     elif engine == "local":
         ra = extract_audio(audio_table, audio_tower, audio_items, progress=progress, loader=loader, **a_kw)
     else:

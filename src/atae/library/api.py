@@ -393,9 +393,10 @@ class Library(VectorSpaceMixin, QueryMixin):
         if isinstance(paths, (str, Path)):
             paths = [paths]
         if engine == "ray":
+            from atae.device import gpus_per_worker
             from atae.library.ray_index import RayEncoder
 
-            encoder = RayEncoder(address=ray_address, workers=workers)
+            encoder = RayEncoder(address=ray_address, workers=workers, num_gpus=gpus_per_worker(self.device))
         elif engine == "local":
             encoder = _indexer.encode_here
         else:
