@@ -68,8 +68,8 @@ from atae.cli.output import echo, echo_json
     "--store",
     default=None,
     type=click.Choice(["faiss", "lance"]),
-    help="Where the vectors live: faiss (default, in memory) or lance (a LanceDB table on disk or object "
-    'storage, for tens of millions of segments; pip install "atae[distributed]"). Switching rebuilds them.',
+    help="Where the vectors live: faiss (default, in memory) or lance (a LanceDB table on disk, "
+    'for tens of millions of segments; pip install "atae[distributed]"). Switching rebuilds them.',
 )
 @device_option
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,

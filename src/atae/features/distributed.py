@@ -4,8 +4,9 @@ many workers. Needs the optional extra: ``pip install "atae[distributed]"``.
 The pipeline (Ray Data), for the items the store does not hold yet:
 
 1. a CPU stage decodes and resamples each file (Ray tasks; an unreadable file becomes a reported failure);
-2. the tower runs as a pool of stateful actors (``map_batches`` with a callable class, ``concurrency``
-   actors with ``num_cpus``/``num_gpus`` each): each actor receives the tower once and encodes batches;
+2. the tower runs as a pool of stateful actors (``map_batches`` with a callable class and an
+   ``ActorPoolStrategy`` of ``concurrency`` actors, ``num_cpus``/``num_gpus`` each): each actor receives
+   the tower once and encodes batches (Ray fuses the decode stage into the same actors);
 3. every output batch is written by a worker as a *part* in ``<table>/ray-work/``, its commit marker
    written last, so a part without a marker (a worker that died mid-write) is never read;
 4. the driver ingests each committed part into the feature store as it arrives (the store's only
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import time
 import uuid
@@ -63,6 +65,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None):
         kw = {"address": address} if address else {"num_cpus": num_cpus}
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kw)
         ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # atae reports progress and failures itself
     return ray
 
 
@@ -182,7 +185,8 @@ def extract_audio_ray(table_or_store, tower, items: Sequence[tuple[str, str | Pa
             ds = ray.data.from_items([{"key": k, "path": str(p) if p is not None else ""} for k, p in todo])
             ds = ds.map_batches(_decode, batch_size=batch_size, num_cpus=1,
                                 fn_kwargs={"sample_rate": tower.sample_rate, "loader": loader})
-            ds = ds.map_batches(_Encode, batch_size=batch_size, concurrency=concurrency, num_cpus=num_cpus,
+            ds = ds.map_batches(_Encode, batch_size=batch_size, num_cpus=num_cpus,
+                                compute=ray.data.ActorPoolStrategy(size=concurrency),
                                 num_gpus=num_gpus, fn_constructor_args=(tower, table.info.dim))
             ds = ds.map_batches(_write_part, batch_size=None, num_cpus=0.5, fn_kwargs={"work": str(work)})
             for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):

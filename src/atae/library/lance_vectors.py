@@ -1,5 +1,5 @@
 """The LanceDB store of a library's search vectors (``atae index --store lance``), for libraries of tens of
-millions of segments: an embedded Lance table (a folder, or object storage), searched through an IVF-PQ
+millions of segments: an embedded Lance table (a folder beside the SQLite file), searched through an IVF-PQ
 index with full-precision refine, filters pushed into the search as a SQL prefilter. Needs the optional
 extra: ``pip install "atae[distributed]"``.
 

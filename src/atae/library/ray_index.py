@@ -114,7 +114,8 @@ class RayEncoder:
             ray = start_ray(self.address)
             ds = ray.data.from_items([{"path": it[0].path, "size": it[0].size, "mtime_ns": it[0].mtime_ns}
                                       for it in rest])
-            ds = ds.map_batches(_EncodeFiles, batch_size=self.batch_files, concurrency=self.workers,
+            ds = ds.map_batches(_EncodeFiles, batch_size=self.batch_files,
+                                compute=ray.data.ActorPoolStrategy(size=self.workers),
                                 num_cpus=self.num_cpus, num_gpus=self.num_gpus,
                                 fn_constructor_args=(lib.audio_tower, lib.long_s, lib.window_s, lib.hop_s))
             ds = ds.map_batches(_write_part, batch_size=None, num_cpus=0.5, fn_kwargs={"work": str(work)})
