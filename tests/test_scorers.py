@@ -272,7 +272,7 @@ def test_hybrid_through_the_library_equals_brute_force(tmp_path, kind, monkeypat
 
 
 def test_search_state_over_hnsw_with_gaps_and_untagged_segments():
-    """SearchState.hybrid_top over a real HNSW index (the graph search with efSearch 256 is exact at this
+    """SearchState.hybrid_top over a real HNSW index (the graph search with efSearch 512 is exact at this
     size) against loops over every tagged segment: ids with gaps, segments without tags in the same graph
     (added first, so FAISS rows are not positions), candidate lists shorter than the library."""
     from atae.library.search import SearchState

@@ -30,16 +30,16 @@ def test_new_index_overrides_and_defaults():
 
 
 def test_index_saved_with_other_parameters_opens_and_searches(tmp_path):
-    """A library built before the defaults changed (M=32, efC=80, efSearch=64 saved) keeps its graph and
+    """A library built before the defaults changed (M=24, efC=48, efSearch=64 saved) keeps its graph and
     gets today's efSearch; its answers equal brute force on a set this small."""
     x, ids = _data()
-    old = V.VectorIndex(V.new_index(16, "hnsw", m=32, ef_construction=80))
+    old = V.VectorIndex(V.new_index(16, "hnsw", m=24, ef_construction=48))
     _hnsw(old).hnsw.efSearch = 64
     old.add(ids, x)
     old.save(tmp_path / "vectors.faiss")
     vi = V.VectorIndex.load(tmp_path / "vectors.faiss")
     assert vi is not None and vi.kind == "hnsw" and vi.ntotal == len(x)
-    assert (_hnsw(vi).hnsw.nb_neighbors(1), _hnsw(vi).hnsw.efSearch) == (32, V.HNSW_EF_SEARCH)
+    assert (_hnsw(vi).hnsw.nb_neighbors(1), _hnsw(vi).hnsw.efSearch) == (24, V.HNSW_EF_SEARCH)
     for qi in (0, 7, 123):
         q = x[qi] + 0.1 * np.random.default_rng(qi).standard_normal(16).astype(np.float32)
         scores, got = vi.search(q, 5)
