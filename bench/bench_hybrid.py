@@ -175,7 +175,8 @@ def recall_sweep(lib, model, src, captions, raw_of, n_q: int, seed: int) -> dict
     clip_of = [k for k, caps in enumerate(captions) for _ in caps] or list(rng.integers(0, len(src), n_q))
     offset = len(src) - len(captions) if captions else 0  # AudioCaps clips are the last rows of src
     pick = rng.choice(len(texts), min(n_q, len(texts)), replace=False)
-    lists = ((64, 256), (128, 256), (256, 256), (256, 512), (256, 1024), (512, 512), (512, 1024))
+    lists = ((128, 256, 128), (128, 256, 256), (256, 256, 256), (256, 512, 256), (256, 512, 512),
+             (256, 1024, 256), (512, 512, 512), (512, 1024, 512))  # (graph, bridge, HNSW efSearch)
     out: dict = {"queries": int(len(pick)), "hybrid": {}, "bridge": {}}
     w = Fusion.of(model).weight
     for case in ("agree", "independent"):
@@ -190,11 +191,11 @@ def recall_sweep(lib, model, src, captions, raw_of, n_q: int, seed: int) -> dict
             want = np.lexsort((np.arange(len(dense)), -dense))[:64]
             for m in lists:
                 t0 = time.perf_counter()
-                pos, _ = st.hybrid_top(q, dist, w, 64, graph=m[0], bridge=m[1])
+                pos, _ = st.hybrid_top(q, dist, w, 64, graph=m[0], bridge=m[1], ef_search=m[2])
                 rec[m]["ms"].append(1e3 * (time.perf_counter() - t0))
                 rec[m]["r10"].append(len(set(pos[:10]) & set(want[:10])) / 10)
                 rec[m]["r64"].append(len(set(pos) & set(want)) / 64)
-        out["hybrid"][case] = {f"graph {m[0]}, bridge {m[1]}": {
+        out["hybrid"][case] = {f"graph {m[0]} (efSearch {m[2]}), bridge {m[1]}": {
             k: float(np.mean(v)) if k != "ms" else float(np.median(v)) for k, v in r.items()}
             for m, r in rec.items()}
     # the bridge's candidates: labels read x candidates rescored, against every segment scored
@@ -218,7 +219,8 @@ def recall_sweep(lib, model, src, captions, raw_of, n_q: int, seed: int) -> dict
             out["bridge"][f"{labels} labels, {m} candidates"] = {
                 "r10": float(np.mean(r10)), "r64": float(np.mean(r64)), "ms": float(np.median(ms))}
     out["shipped"] = {"BRIDGE_LABELS": search.BRIDGE_LABELS, "BRIDGE_CANDIDATES": search.BRIDGE_CANDIDATES,
-                      "HYBRID_CANDIDATES": search.HYBRID_CANDIDATES, "DENSE_LIMIT": search.DENSE_LIMIT}
+                      "HYBRID_CANDIDATES": search.HYBRID_CANDIDATES,
+                      "HYBRID_EF_SEARCH": search.HYBRID_EF_SEARCH, "DENSE_LIMIT": search.DENSE_LIMIT}
     return out
 
 
@@ -250,7 +252,7 @@ def main(argv: list[str]) -> int:
         rec = recall_sweep(lib, model, src, captions, raw_of, args.queries, args.seed)
         for case, rows in rec["hybrid"].items():
             for m, r in rows.items():
-                print(f"  hybrid {case:11s} {m:22s}: recall@10 {r['r10']:.3f} @64 {r['r64']:.3f}, "
+                print(f"  hybrid {case:11s} {m:38s}: recall@10 {r['r10']:.3f} @64 {r['r64']:.3f}, "
                       f"{r['ms']:.2f} ms", flush=True)
         for name, r in rec["bridge"].items():
             print(f"  bridge {name:26s}: recall@10 {r['r10']:.3f} @64 {r['r64']:.3f}, {r['ms']:.2f} ms",

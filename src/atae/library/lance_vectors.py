@@ -129,8 +129,10 @@ class LanceIndex:
         self._ids = None
         return True
 
-    def search(self, q: np.ndarray, k: int, where: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(cosines (k,), ids (k,)) of the k nearest vectors passing the SQL ``where`` (a prefilter)."""
+    def search(self, q: np.ndarray, k: int, where: str | None = None, *,
+               ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(cosines (k,), ids (k,)) of the k nearest vectors passing the SQL ``where`` (a prefilter).
+        ``ef_search`` (an HNSW setting) has no meaning here."""
         from atae.library.vectors import normalize
 
         if self.ntotal == 0:

@@ -18,7 +18,8 @@ Search rules (the results of ``atae.scoring`` on the whole library, up to the ca
   best by it are rescored exactly. (A query whose distribution sits on at most ``BRIDGE_LABELS`` labels
   is thereby exact.)
 * **hybrid**: the union of the adapter's top ``HYBRID_CANDIDATES`` (the FAISS index: exact for a flat
-  index, approximate for HNSW) and the bridge's ``BRIDGE_CANDIDATES`` candidates, rescored exactly on
+  index, approximate for HNSW, searched there at ``HYBRID_EF_SEARCH``: the bridge's list makes up for
+  what a narrower graph search misses) and the bridge's ``BRIDGE_CANDIDATES`` candidates, rescored exactly on
   both sides and mixed with the corpus z-scores. A segment outside both lists would have to rank low on
   both sides yet high on their mix.
 
@@ -38,6 +39,7 @@ DENSE_LIMIT = 4096
 BRIDGE_LABELS = 8
 BRIDGE_CANDIDATES = 512
 HYBRID_CANDIDATES = 256
+HYBRID_EF_SEARCH = 256
 
 
 class SearchState:
@@ -72,7 +74,9 @@ class SearchState:
         if len(self.ids) <= DENSE_LIMIT:
             return _top(self.bridge_at(None, d), m)
         labels = np.argpartition(-d, BRIDGE_LABELS)[:BRIDGE_LABELS]
-        partial = d[labels] @ self.by_label[labels]
+        partial = d[labels[0]] * self.by_label[labels[0]]
+        for lab in labels[1:]:  # row by row: no copy of the label rows
+            partial += d[lab] * self.by_label[lab]
         if m >= len(partial):
             return np.arange(len(partial))
         # torch's top-k selects in a third of the time of numpy's partition on a library-sized array
@@ -85,22 +89,24 @@ class SearchState:
 
     def bridge_stats(self, dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(mean, std) over all segments of one query's bridge scores, as one-element arrays."""
-        return _stats(np.asarray(dist, np.float64), self.bridge_mean, self.bridge_cov)
+        return _stats(dist, self.bridge_mean, self.bridge_cov)
 
     # ---- the hybrid
     def hybrid_top(self, q: np.ndarray, dist: np.ndarray, weight: float, n: int, *,
-                   graph: int | None = None, bridge: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   graph: int | None = None, bridge: int | None = None,
+                   ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(positions, scores) of the n best segments by ``atae.scoring.hybrid_scores`` over the whole
         library (corpus z-scores), found among the adapter index's top ``graph`` (default
-        ``HYBRID_CANDIDATES``) and the bridge's ``bridge`` candidates (default ``BRIDGE_CANDIDATES``)."""
-        _, hits = self.index.search(q, max(graph or HYBRID_CANDIDATES, n))
+        ``HYBRID_CANDIDATES``, searched over HNSW at ``ef_search``, default ``HYBRID_EF_SEARCH``) and the
+        bridge's ``bridge`` candidates (default ``BRIDGE_CANDIDATES``)."""
+        _, hits = self.index.search(q, max(graph or HYBRID_CANDIDATES, n),
+                                    ef_search=ef_search or HYBRID_EF_SEARCH)
         near = np.searchsorted(self.ids, hits)
         near = near[(near < len(self.ids)) & (self.ids[np.minimum(near, len(self.ids) - 1)] == hits)]
         pos = np.union1d(near, self.bridge_candidates(dist, max(bridge or BRIDGE_CANDIDATES, n)))
         a = self.index.scores_at(q, self.rows[pos])
         h = scoring.hybrid_scores(a[None], self.bridge_at(pos, dist)[None], weight,
-                                  adapter_stats=_stats(np.asarray(q, np.float64), self.adapter_mean,
-                                                       self.adapter_cov),
+                                  adapter_stats=_stats(q, self.adapter_mean, self.adapter_cov),
                                   bridge_stats=self.bridge_stats(dist))[0]
         return _best(pos, h, n)
 
@@ -119,6 +125,7 @@ def _moments(x: np.ndarray, chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]
 
 
 def _stats(v: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    v = np.asarray(v, np.float64)
     return np.array([v @ mean]), np.array([np.sqrt(max(float(v @ cov @ v), 0.0))])
 
 

@@ -131,15 +131,17 @@ class VectorIndex:
         self._ids = None
         return True
 
-    def search(self, q: np.ndarray, k: int, where: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, q: np.ndarray, k: int, where: str | None = None, *,
+               ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores (k,), ids (k,)) for one query; fewer if the index is small. Ids of -1 are dropped.
-        ``where`` (a store's SQL filter) is not used: FAISS holds no metadata, ``Library`` filters hits."""
+        ``where`` (a store's SQL filter) is not used: FAISS holds no metadata, ``Library`` filters hits.
+        ``ef_search``: the HNSW search breadth for this query (default ``HNSW_EF_SEARCH``; at least k)."""
         if self.ntotal == 0:
             return np.zeros(0, np.float32), np.zeros(0, np.int64)
         faiss.omp_set_num_threads(1)
         k = min(k, self.ntotal)
         if self.kind == "hnsw":
-            params = faiss.SearchParametersHNSW(efSearch=max(HNSW_EF_SEARCH, k))
+            params = faiss.SearchParametersHNSW(efSearch=max(ef_search or HNSW_EF_SEARCH, k))
             d, i = self.index.search(normalize(q), k, params=params)
         else:
             d, i = self.index.search(normalize(q), k)
