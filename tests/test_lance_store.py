@@ -145,3 +145,27 @@ def test_lance_without_the_extra_is_a_clear_error(tmp_path, monkeypatch):
         _open(tmp_path / "lib", "lance")
     with pytest.raises(LibraryError, match="unknown store"):
         _open(tmp_path / "other", "sqlite")
+
+
+def test_a_reader_of_a_lance_library_sees_new_rows_and_never_writes_them_again(tmp_path, sounds):
+    """`atae serve` beside `atae index`: the page's library reads the table the indexer writes; after each
+    index run it answers with the new files, and the table holds every segment once."""
+    src = tmp_path / "src"
+    (src / "short").mkdir(parents=True)
+    for name in ("m0.wav", "m2.wav"):
+        shutil.copy(sounds / "short" / name, src / "short" / name)
+    writer = _open(tmp_path / "lib", "lance")
+    writer.add([src])
+    reader = Library.open(tmp_path / "lib", text_tower=WordTower(), model=IdentityModel())
+    assert len(reader.search("high", k=10)) == 2
+    shutil.copytree(sounds / "long", src / "long")
+    writer.add([src])  # while the reader stays open
+    got = reader.search("high", k=10)
+    assert sorted(r.path for r in got) == sorted(str(p) for p in src.rglob("*.wav"))
+    import lancedb
+
+    table = lancedb.connect(str(next((tmp_path / "lib").glob("vectors-*.lance")))).open_table("vectors")
+    ids = table.to_arrow().column("id").to_pylist()
+    assert sorted(ids) == list(writer.db.segment_ids())  # each segment once
+    reader.close()
+    writer.close()

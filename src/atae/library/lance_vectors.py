@@ -97,9 +97,14 @@ class LanceIndex:
 
     def ids(self) -> np.ndarray:
         if self._ids is None:
-            ids = self.table.to_arrow().column("id").to_numpy() if self.ntotal else np.zeros(0, np.int64)
+            n = self.ntotal
+            ids = self._columns(["id"], n)["id"].to_numpy() if n else np.zeros(0, np.int64)
             self._ids = np.sort(np.asarray(ids, np.int64))
         return self._ids
+
+    def _columns(self, names: list[str], n: int):
+        """The given columns of every row (without reading the others: a table can be large)."""
+        return self.table.search().select(names).limit(max(n, 1)).to_arrow()
 
     def add(self, ids: np.ndarray, vecs: np.ndarray) -> None:
         import pyarrow as pa
@@ -156,7 +161,7 @@ class LanceIndex:
         if not len(rows):
             return np.zeros((0, self.dim), np.float32)
         if len(rows) > ID_CHUNK:
-            t = self.table.to_arrow().select(["id", "vector"])
+            t = self._columns(["id", "vector"], self.ntotal)
         else:
             t = self.table.search().where(f"id IN ({', '.join(str(int(i)) for i in rows)})") \
                 .select(["id", "vector"]).limit(len(rows)).to_arrow()

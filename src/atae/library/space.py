@@ -72,6 +72,22 @@ class VectorSpaceMixin:
         gen = self.db.generation()
         if not force and gen == self._gen and self.index is not None:
             return
+        if self.store == "lance" and not self._writer.held:
+            # the table on disk is shared with the indexer: read its latest version, and repair it only
+            # while no indexer runs (a stale handle or a race would write rows twice)
+            self.index = self._load_index()
+            if not self._writer.try_acquire():
+                if self.index is not None and self.index.ntotal == len(self.db.segment_ids()):
+                    self._gen = gen  # the indexer has written every committed row
+                return  # else not current: the next search reads the indexer's newer rows
+            try:
+                self._sync_index(gen)
+            finally:
+                self._writer.release()
+            return
+        self._sync_index(gen)
+
+    def _sync_index(self, gen: int) -> None:
         changed = False
         live = self.db.segment_ids()
         if self.index is None:
