@@ -72,6 +72,7 @@ def test_more_like_this(client, lib):
     ("1.5", 400, "whole number"),
     ("-1", 400, "whole number"),
     ("9" * 30, 400, "whole number"),
+    ("\u00b2", 400, "whole number"),  # a Unicode digit: str.isdigit() accepts it, int() does not
 ])
 def test_more_like_this_bad_ids(client, bad, status, says):
     r = client.get(f"/api/similar/{bad}")

@@ -49,12 +49,6 @@ def unavailable(library) -> dict[str, str]:
     return why
 
 
-def available(library) -> list[str]:
-    """The scorer names this library can use, in ``SCORER_NAMES`` order."""
-    bad = unavailable(library)
-    return [n for n in SCORER_NAMES if n not in bad]
-
-
 def preferred(names, untagged: int = 0) -> str | None:
     """The strongest of the available scorer names, the default everywhere (``Library.scorers``, the web
     page, `atae search`): ``hybrid`` (the trained model where it is sure, the tags elsewhere), else
@@ -79,10 +73,11 @@ def default_scorer(library) -> str:
 
 
 def _require(library, name: str) -> None:
-    why = library.scorers()["unavailable"].get(name)
+    state = library.scorers()
+    why = state["unavailable"].get(name)
     if why is not None:
         raise QueryError(f"the {name!r} scorer is not available for this library: {why}", path=library.root,
-                         fix="use --scorer " + " or ".join(available(library) or ["(none)"]))
+                         fix="use --scorer " + " or ".join(state["available"] or ["(none)"]))
 
 
 class BridgeScorer:
@@ -128,7 +123,7 @@ class HybridScorer(BridgeScorer):
         try:
             scoring.check_hybrid_tower(model, library.stored_tower_info)
         except AtaeError as exc:
-            raise QueryError(str(exc).split(" (fix: ")[0], path=library.root, fix=exc.fix) from exc
+            raise QueryError(exc.message, path=library.root, fix=exc.fix) from exc
         tb = self.tag_bridge(library)
         sentences = tb.sentences([text])  # first: its text pass also fills the adapter tower's cache
         q = library.query_vector(text=text)

@@ -114,6 +114,10 @@ def _err(status: int, message: str, fix: str | None = None) -> JSONResponse:
 
 
 def _atae_status(e: AtaeError) -> int:
+    from atae.library.similar import UnknownSegment
+
+    if isinstance(e, UnknownSegment):
+        return 404
     if isinstance(e, (QueryError, AudioError)):
         return 400
     if isinstance(e, ModelError):
@@ -412,16 +416,13 @@ def create_app(library, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, host: str =
     @app.get("/api/similar/{segment_id}")
     def similar(segment_id: str, k: str = "10"):
         t0 = time.perf_counter()
-        from atae.library.similar import UnknownSegment, describe
+        from atae.library.similar import describe
 
-        if not segment_id.isdigit() or len(segment_id) > 18:
+        if not _ID.fullmatch(segment_id):
             return _err(400, f"a segment id is a whole number, not {segment_id[:40]!r}",
                         "use the segment_id of a search result")
-        try:
-            like = describe(library, int(segment_id))
-            res = library.similar(int(segment_id), k=_k(k))
-        except UnknownSegment as e:
-            return _err(404, str(e).split(" (fix: ")[0], e.fix)
+        like = describe(library, int(segment_id))
+        res = library.similar(int(segment_id), k=_k(k))
         return {"like": like, "results": [r.to_dict() for r in res],
                 "took_ms": round((time.perf_counter() - t0) * 1000, 1)}
 
