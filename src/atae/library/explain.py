@@ -48,19 +48,9 @@ def example_distribution(tags: np.ndarray) -> np.ndarray | None:
     return t / s if s > 0 else None
 
 
-def text_distribution(library, text: str) -> np.ndarray | None:
-    """The label distribution of a text query under the library's tag bridge, or None when the
-    library's tower has no AudioSet tags (nothing to explain with)."""
-    if not library.db.has_tags():
-        return None
-    return library.tag_bridge.query_distribution([text])[0]
-
-
-def attach(library, results, dist: np.ndarray | None) -> None:
-    """Fill ``tags`` of each ``SearchResult`` (left None for segments without tags)."""
-    if not results:
-        return
-    tags = library.db.segment_tags([r.segment_id for r in results])
+def attach(results, tags: dict, dist: np.ndarray | None) -> None:
+    """Fill ``tags`` of each ``SearchResult`` from ``tags`` ({segment id: its 527 probabilities}; a
+    result whose segment has none keeps None)."""
     for r in results:
         t = tags.get(r.segment_id)
         if t is not None:

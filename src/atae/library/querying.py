@@ -198,9 +198,12 @@ class QueryMixin:
         query marked ``matched`` (no text: nothing marked). A no-op when the tower has no AudioSet head."""
         from atae.library import explain
 
+        query = clean_query(text) if text is not None else None
         with self._lock:
-            dist = explain.text_distribution(self, clean_query(text)) if text is not None else None
-            explain.attach(self, results, dist)
+            tags = self.db.segment_tags([r.segment_id for r in results]) if results else {}
+            # a text's label distribution only when some result has tags to explain
+            dist = self.tag_bridge.query_distribution([query])[0] if query is not None and tags else None
+            explain.attach(results, tags, dist)
         return results
 
     def similar(self, segment_ids, *, k: int = 10, **filters) -> list[SearchResult]:

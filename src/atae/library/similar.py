@@ -102,5 +102,5 @@ def similar(library, segment_ids, *, k: int = 10, min_duration: float | None = N
         tags = library.db.segment_tags(ids)
     dist = example_distribution(np.mean(list(tags.values()), axis=0)) if tags else None
     with library._lock:
-        attach(library, res, dist)
+        attach(res, library.db.segment_tags([r.segment_id for r in res]) if res else {}, dist)
     return res
