@@ -9,8 +9,8 @@ classes through the text tower and scores every clip by how well its tags cover 
     p[q, :]    = softmax(cos[q, :] / temperature)                                   (Q, 527), rows sum to 1
     score[q,c] = sum_l p[q, l] * sqrt(t[c, l])                                      (Q, C)
 
-``t[c]`` are the clip's tag probabilities (the mean over its elements). The square root (the power rule,
-``TAG_POWER``) sits between the plain expectation ``p . t`` and the expected log-likelihood
+``t[c]`` are the clip's tag probabilities (the mean over its elements). The square root (the power rule
+with power 0.5) sits between the plain expectation ``p . t`` and the expected log-likelihood
 ``p . log(t + eps)``: a clip that weakly contains several asked-for sounds is not drowned by one that
 strongly contains a single one, and no epsilon is needed. The score is linear in ``p`` after a fixed map
 of the tags (``tag_features``), so it is one inner product per clip and its mean and spread over a
@@ -38,7 +38,6 @@ from atae.query import clean_query
 N_LABELS = 527
 DEFAULT_TEMPERATURE = 0.07
 DEFAULT_TEMPLATE = "the sound of {label}"
-TAG_POWER = 0.5
 BRIDGE_TEXT_LAYER = -1
 TEMPERATURE_GRID = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2)
 EXTRA_BRIDGE_TEMPERATURE = "bridge_temperature"  # key in AlignedModel.extras, written by atae.tuning
@@ -152,7 +151,7 @@ def check_clip_tags(clip_tags) -> np.ndarray:
 
 
 def tag_features(clip_tags) -> np.ndarray:
-    """(C, 527) float32 ``t ** TAG_POWER``: the vectors a query's label distribution is dotted with."""
+    """(C, 527) float32 ``sqrt(t)``: the vectors a query's label distribution is dotted with."""
     return np.sqrt(np.clip(check_clip_tags(clip_tags), 0.0, None))
 
 
@@ -211,7 +210,7 @@ class TagBridge:
 
     def query_distribution(self, texts: Sequence[str]) -> np.ndarray:
         """(Q, 527) softmax(cosine / temperature): which AudioSet classes each query asks for."""
-        return softmax_rows(self.cosines(texts), self.temperature)
+        return self.distribution(self.sentences(texts))
 
     @staticmethod
     def clip_tags(per_clip_tags: Sequence[np.ndarray | None]) -> np.ndarray:

@@ -246,9 +246,7 @@ def scores_for(scorer: str, *, candidates: Sequence[str], texts: Sequence[str], 
         if scorer == "hybrid":
             check_hybrid_tower(model, audio_tower.info)
     tb = br.TagBridge(text_tower, temperature=temperature or br.bridge_temperature(model))
-    sentences = tb.sentences(list(texts))
-    clip_feats = br.tag_features(tb.clip_tags([audio_table.tags(k) for k in candidates]))
-    bridge = tb.distribution(sentences) @ clip_feats.T
+    bridge = tb.scores(list(texts), tb.clip_tags([audio_table.tags(k) for k in candidates]))
     if scorer == "bridge":
         return np.asarray(bridge, dtype=np.float32)
     return hybrid_scores(adapter, bridge, Fusion.of(model).weights(text_vectors))

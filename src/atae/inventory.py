@@ -18,19 +18,17 @@ ENABLES = {
     "minilm": "text tower of zero-shot tag search and the offline default for training",
     "distilroberta-base": "the DCASE 2022 seed system's text tower (for reproducing it)",
 }
-AUDIO_NAMES = ("efficientat-mn04", "cnn14", "aisfx")
-TEXT_NAMES = ("minilm", "distilroberta-base")
 
 
 def towers() -> list[dict]:
     """One entry per tower: ``name``, ``kind``, ``installed``, ``path`` (or ``how``: the command that
     gets it), ``size`` (bytes, when known), ``enables``, ``default`` (what `atae index` would use)."""
     from atae import weights as W
-    from atae.towers.registry import best_audio_tower
+    from atae.towers.registry import AUDIO_PREFERENCE, TEXT_TOWERS, best_audio_tower
 
     best = best_audio_tower()
     out = []
-    for kind, names in (("audio", AUDIO_NAMES), ("text", TEXT_NAMES)):
+    for kind, names in (("audio", AUDIO_PREFERENCE), ("text", tuple(TEXT_TOWERS))):
         for name in names:
             spec = W.get_spec(name)
             entry = {"name": name, "kind": kind, "size": spec.size, "enables": ENABLES[name],

@@ -55,10 +55,12 @@ class Adapter(nn.Module):
     def forward_packed(self, x: torch.Tensor, seg: torch.Tensor, n_seg: int,
                        counts: torch.Tensor) -> torch.Tensor:
         """Same function on a packed batch: x (N, F) rows, seg (N,) sequence id of each row in [0, n_seg),
-        counts (n_seg,) rows per sequence. No padding is ever computed."""
-        h = torch.relu(self.fc1(x))
-        pooled = torch.zeros(n_seg, self.hidden, dtype=h.dtype, device=h.device).index_add_(0, seg, h)
-        pooled = pooled / counts.to(h.dtype).clamp_min(1.0).unsqueeze(-1)
+        counts (n_seg,) rows per sequence, each on any device (moved to the adapter's). No padding is ever
+        computed."""
+        dev = self.fc1.weight.device
+        h = torch.relu(self.fc1(x.to(dev)))
+        pooled = torch.zeros(n_seg, self.hidden, dtype=h.dtype, device=dev).index_add_(0, seg.to(dev), h)
+        pooled = pooled / counts.to(dev, h.dtype).clamp_min(1.0).unsqueeze(-1)
         return self.fc2(pooled)
 
 
@@ -185,7 +187,6 @@ class AlignedModel(nn.Module):
 def _encode(adapter: Adapter, seqs: Sequence[np.ndarray], batch: int) -> np.ndarray:
     """Sequences of any lengths through an adapter without padding (``forward_packed``), unit length."""
     out = np.zeros((len(seqs), adapter.out_dim), np.float32)
-    device = adapter.fc1.weight.device
     for a in range(0, len(seqs), batch):
         part = [np.asarray(x, dtype=np.float32) for x in seqs[a:a + batch]]
         for x in part:
@@ -196,7 +197,7 @@ def _encode(adapter: Adapter, seqs: Sequence[np.ndarray], batch: int) -> np.ndar
         seg = torch.repeat_interleave(torch.arange(len(part)), counts)
         rows = torch.from_numpy(np.concatenate(part))
         with torch.no_grad():
-            e = adapter.forward_packed(rows.to(device), seg.to(device), len(part), counts.to(device))
+            e = adapter.forward_packed(rows, seg, len(part), counts)
             out[a:a + len(part)] = nn.functional.normalize(e, dim=-1).cpu().numpy()
     return out
 

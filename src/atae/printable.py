@@ -29,14 +29,14 @@ def _one(ch: str) -> str:
     return f"\\U{o:08x}"
 
 
-def escape(text: object, *, keep_newlines: bool = False) -> str:
+def escape(text: object) -> str:
     """``text`` with every non-printable character (``str.isprintable``: controls, format characters
     such as bidi overrides, separators other than the space, surrogates) shown as ``\\n``, ``\\x1b``,
-    ``\\u202e``, ... ``keep_newlines`` keeps ``\\n`` for text that is meant to be several lines."""
+    ``\\u202e``, ..."""
     s = str(text)
     if s.isprintable():
         return s
-    return "".join(c if c.isprintable() or (keep_newlines and c == "\n") else _one(c) for c in s)
+    return "".join(c if c.isprintable() else _one(c) for c in s)
 
 
 def is_clean(text: str) -> bool:

@@ -49,13 +49,6 @@ def temperature_curve(cos: np.ndarray, relevant: Sequence, clip_tags,
     return [(float(t), mean_ap_at_k(br.softmax_rows(cos, t) @ feats.T, relevant, k)) for t in grid]
 
 
-def tune_temperature(bridge: br.TagBridge, queries: Sequence[str], relevant: Sequence, clip_tags,
-                     grid: Sequence[float] = br.TEMPERATURE_GRID, k: int = 10) -> float:
-    """The grid temperature with the best validation mAP@k (ties: the first in grid order)."""
-    curve = temperature_curve(bridge.cosines(queries), relevant, clip_tags, grid, k)
-    return max(curve, key=lambda tm: tm[1])[0] if curve else bridge.temperature
-
-
 def hybrid_weight_curve(adapter_scores: np.ndarray, bridge_scores: np.ndarray, relevant: Sequence,
                         grid: Sequence[float] = WEIGHT_GRID, k: int = 10) -> list[tuple[float, float]]:
     """[(weight, hybrid mAP@k)] over ``grid``."""

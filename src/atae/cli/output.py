@@ -61,10 +61,9 @@ def error_line(exc: BaseException) -> str | None:
     """The one-line message for a failure the user can fix, or None for a bug (shown as a traceback)."""
     if isinstance(exc, AtaeError):
         return str(exc)
-    full = disk_full(exc, getattr(exc, "filename", None) or ".")
-    if isinstance(full, DiskFullError):
-        where = getattr(exc, "filename", None)
-        return str(DiskFullError(where)) if where else str(DiskFullError(None))
+    where = getattr(exc, "filename", None) or None
+    if disk_full(exc, where or ".") is not None:
+        return str(DiskFullError(where))
     if isinstance(exc, sqlite3.Error):
         return f"library database error ({exc}) (fix: run the same command again; if it persists, " \
                "index into a new --db)"

@@ -105,9 +105,7 @@ class _Encode:
 
 
 def _write_part(batch: dict, work: str) -> dict:
-    """One committed part: the arrays, then the marker (the commit point)."""
-    name = f"part-{uuid.uuid4().hex}"
-    path = Path(work) / f"{name}.npz"
+    """One committed part of extracted clips (``commit_part``)."""
     good = [i for i, e in enumerate(batch["error"]) if not e]
     has_tags = bool(good) and all(batch["tags"][i].size for i in good)
     arrays = {
@@ -118,11 +116,18 @@ def _write_part(batch: dict, work: str) -> dict:
     }
     if has_tags:
         arrays["tags"] = _cat([batch["tags"][i] for i in good])
+    return {"part": [str(commit_part(work, arrays))]}
+
+
+def commit_part(work: str | Path, arrays: dict) -> Path:
+    """Write a worker's results as ``WORK/part-<uuid>.npz``, then its marker: the commit point (a part
+    without a marker is a dead worker's and is never read)."""
+    path = Path(work) / f"part-{uuid.uuid4().hex}.npz"
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(path, buf.getvalue())
     atomic_write_text(path.with_suffix(MARKER), "")
-    return {"part": [str(path)]}
+    return path
 
 
 def _cat(arrays: list[np.ndarray]) -> np.ndarray:
@@ -155,7 +160,8 @@ def _ingest(table, part: Path, report: ExtractReport, changed: set) -> None:
     part.unlink(missing_ok=True)
 
 
-def _committed_parts(work: Path) -> list[Path]:
+def committed_parts(work: Path) -> list[Path]:
+    """The parts whose marker was written (a killed run's finished work)."""
     return sorted(p.with_suffix(".npz") for p in work.glob(f"part-*{MARKER}"))
 
 
@@ -177,7 +183,7 @@ def extract_audio_ray(table_or_store, tower, items: Sequence[tuple[str, str | Pa
         for leftover in work.glob("*"):  # parts of a worker that died before its marker
             if leftover.suffix != MARKER and not leftover.with_suffix(MARKER).exists():
                 leftover.unlink(missing_ok=True)
-        for part in _committed_parts(work):  # a killed run's finished parts
+        for part in committed_parts(work):  # a killed run's finished parts
             _ingest(table, part, report, set())
         todo, ident, report.skipped, changed = _unique_todo(items, table, audio_ident, _audio_current)
         if todo:

@@ -151,7 +151,6 @@ class LibraryDB:
         if self.path.exists() and not self.path.is_file():
             raise LibraryError("library.sqlite is not a file", path=self.path,
                                fix="point --db at a folder made by `atae index`")
-        self.read_only = False
         try:
             version = self._connect(create)
         except sqlite3.DatabaseError as exc:
@@ -220,7 +219,6 @@ class LibraryDB:
                 tables = self._tables()
                 if tables - _OWN_TABLES:
                     raise self._error(first, False)
-                self.read_only = True
                 return self.get_meta("schema_version")
             except sqlite3.DatabaseError:
                 self.conn.close()

@@ -122,9 +122,7 @@ def encode_file(tower, path: str, *, long_s: float, window_s: float, hop_s: floa
     """(duration, sample_rate, channels, [SegmentIn]) for one file; raises AudioError if unreadable."""
     from atae.audio import load_audio, probe
 
-    info = probe(path)
-    if info.frames <= 0 or info.duration <= 0:
-        raise AudioError("no audio frames in the file", path=path, fix="re-encode or remove it")
+    info = probe(path)  # its header check refuses files without frames
     spans = segment_plan(info.duration, long_s=long_s, window_s=window_s, hop_s=hop_s)
     sr = tower.sample_rate
     segs: list[SegmentIn] = []
@@ -242,8 +240,7 @@ def run_index(lib, roots, *, exts=None, progress: bool = True, batch_files: int 
             taken.add(old.id)
             moves.append((old.id, f.path, f.size, f.mtime_ns))
 
-    moved = {m[0] for m in moves}
-    gone = [g for g in gone if g.id not in moved]  # once, not per move (a moved folder is many files)
+    gone = [g for g in gone if g.id not in taken]  # once, not per move (a moved folder is many files)
     # cheap changes first, in one transaction: removals, moves, touched files
     if gone or moves or touch:
         removed_ids = db.segment_ids_of([g.id for g in gone])

@@ -15,19 +15,14 @@ On several machines the library folder must be on storage every node sees (the w
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 
-from atae.features.distributed import MARKER, start_ray
-from atae.io import atomic_write_bytes, atomic_write_text
+from atae.features.distributed import WORK_DIR, commit_part, committed_parts, start_ray
 from atae.library.db import SegmentIn
-
-WORK_DIR = "ray-work"
 
 
 class _EncodeFiles:
@@ -57,18 +52,13 @@ def _pack_meta(r) -> dict:
 
 
 def _write_part(batch: dict, work: str) -> dict:
-    """One committed part (all of a batch's files): the arrays, then the marker."""
-    path = Path(work) / f"part-{uuid.uuid4().hex}.npz"
-    buf = io.BytesIO()
+    """One committed part (all of a batch's files, ``commit_part``)."""
     arrays = {"path": np.array(batch["path"], dtype=str), "size": np.asarray(batch["size"], np.int64),
               "mtime_ns": np.asarray(batch["mtime_ns"], np.int64),
               "result": np.array(batch["result"], dtype=str)}
     for i, (raw, tags) in enumerate(zip(batch["raw"], batch["tags"], strict=True)):
         arrays[f"raw{i}"], arrays[f"tags{i}"] = raw, tags
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
-    atomic_write_text(path.with_suffix(MARKER), "")
-    return {"part": [str(path)]}
+    return {"part": [str(commit_part(work, arrays))]}
 
 
 def _read_part(path: Path) -> dict:
@@ -99,8 +89,8 @@ class RayEncoder:
         work = Path(lib.root) / WORK_DIR
         work.mkdir(exist_ok=True)
         done: dict = {}
-        for marker in sorted(work.glob(f"part-*{MARKER}")):  # a killed run's finished parts
-            done.update(_read_part(marker.with_suffix(".npz")))
+        for part in committed_parts(work):  # a killed run's finished parts
+            done.update(_read_part(part))
         rest = []
         for item in todo:
             f = item[0]

@@ -77,7 +77,7 @@ def scan(roots, exts=None) -> ScanResult:
             raise LibraryError("no such file or folder", path=root, fix="check the path to index")
         res.roots.append(root)
         if os.path.isfile(root):
-            _consider(root, allow, seen_files, res, explicit=True)
+            _consider(root, seen_files, res)
             continue
         if not os.path.isdir(root):
             raise LibraryError("not a regular file or folder (a device or a pipe)", path=root,
@@ -116,7 +116,7 @@ def scan(roots, exts=None) -> ScanResult:
                 if is_dir:
                     subdirs.append(e.path)
                 elif is_file:
-                    _consider(e.path, allow, seen_files, res)
+                    _consider(e.path, seen_files, res)
                 elif e.is_symlink() and not os.path.exists(e.path):
                     res.problems.append((e.path, "broken link (its target is missing); fix or remove it"))
                 else:
@@ -125,9 +125,8 @@ def scan(roots, exts=None) -> ScanResult:
     return res
 
 
-def _consider(path: str, allow, seen_files, res: ScanResult, explicit: bool = False) -> None:
-    if _ext(path) not in allow and not explicit:
-        return
+def _consider(path: str, seen_files, res: ScanResult) -> None:
+    """Record a file (the caller has checked its extension, or the user named it)."""
     try:
         st = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):  # vanished since it was listed

@@ -142,12 +142,11 @@ def embed_packed(adapter, packed: PackedSeqs | TableSeqs, *, batch: int = 2048,
     """All items of a PackedSeqs through an adapter (on the adapter's device), in chunks, without
     gradients; the embeddings come back on the CPU."""
     outs = []
-    device = adapter.fc1.weight.device
     with torch.no_grad():
         for a in range(0, len(packed), batch):
             idx = torch.arange(a, min(a + batch, len(packed)))
             rows, seg, n, counts = packed.gather(idx)
-            e = adapter.forward_packed(rows.to(device), seg.to(device), n, counts.to(device))
+            e = adapter.forward_packed(rows, seg, n, counts)
             outs.append((torch.nn.functional.normalize(e, dim=-1) if normalize else e).cpu())
     return torch.cat(outs) if outs else torch.zeros(0, adapter.out_dim)
 

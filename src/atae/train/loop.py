@@ -158,8 +158,8 @@ def train_stage(model: AlignedModel, loss_fn: torch.nn.Module, train: TrainData,
             total, steps = 0.0, 0
             for b in range(0, n, cfg.batch_size):
                 idx = order[b:b + cfg.batch_size]
-                ea = model.audio_adapter.forward_packed(*_on(train.audio.gather(train.a_idx[idx]), device))
-                et = model.text_adapter.forward_packed(*_on(train.text.gather(train.t_idx[idx]), device))
+                ea = model.audio_adapter.forward_packed(*train.audio.gather(train.a_idx[idx]))
+                et = model.text_adapter.forward_packed(*train.text.gather(train.t_idx[idx]))
                 loss = loss_fn(ea, et, train.labels[idx].to(device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -212,12 +212,6 @@ def train_stage(model: AlignedModel, loss_fn: torch.nn.Module, train: TrainData,
     model.eval()
     return StageResult(stage_name, st["best_score"], st["best_epoch"], st["epoch"], n, st["history"],
                        st["stopped"])
-
-
-def _on(gathered: tuple, device: torch.device) -> tuple:
-    """A packed batch (rows, segment ids, count, rows per item) on ``device``."""
-    rows, seg, n, counts = gathered
-    return rows.to(device), seg.to(device), n, counts.to(device)
 
 
 def _jsonable(obj):
