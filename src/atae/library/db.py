@@ -506,11 +506,6 @@ class LibraryDB:
             )
         ]
 
-    def segment_file(self, segment_id: int) -> int | None:
-        """The file id of a segment (None if the segment is unknown)."""
-        r = self.conn.execute("SELECT file_id FROM segments WHERE id=?", (int(segment_id),)).fetchone()
-        return int(r[0]) if r else None
-
 
 _FILE_COLS = (
     "id, path, size, mtime_ns, hash, duration, sample_rate, channels, encoder, model_version, status, error"

@@ -105,18 +105,24 @@ class QueryMixin:
                 q = self._embed([example])[0]
             else:
                 q = self.query_vector(text=text, audio=audio)
-            if self.index is None or self.index.ntotal == 0:
-                return []
-            fetch, where = max(4 * k, 64), filters.to_sql()
-            while True:
-                scores, ids = self.index.search(q, fetch, where=where)
-                res = self._collect(ids, scores, k, filters)
-                if len(res) >= k or fetch >= self.index.ntotal:
-                    return res
-                fetch *= 4
+            return self._nearest(q, k, filters)
 
-    def _collect(self, ids, scores, k: int, filters: Filters) -> list[SearchResult]:
-        """The first k files among ranked segments (each file at its best segment) that pass ``filters``."""
+    def _nearest(self, q: np.ndarray, k: int, filters: Filters, skip_files=frozenset()) -> list[SearchResult]:
+        """The k files nearest the vector ``q`` in the index (each at its best segment) that pass
+        ``filters``, leaving out ``skip_files``: more hits are fetched until k are found or none are left."""
+        if self.index is None or self.index.ntotal == 0:
+            return []
+        fetch, where = max(4 * k, 64), filters.to_sql()
+        while True:
+            scores, ids = self.index.search(q, fetch, where=where)
+            res = self._collect(ids, scores, k, filters, skip_files)
+            if len(res) >= k or fetch >= self.index.ntotal:
+                return res
+            fetch *= 4
+
+    def _collect(self, ids, scores, k: int, filters: Filters, skip_files=frozenset()) -> list[SearchResult]:
+        """The first k files among ranked segments (each file at its best segment) that pass ``filters``
+        and are not in ``skip_files``."""
         rows = self.db.segment_rows([int(i) for i in ids])
         best: dict[int, SearchResult] = {}
         for sid, sc in zip(ids, scores, strict=True):
@@ -124,7 +130,7 @@ class QueryMixin:
             if r is None:  # tombstone: removed since the index was built
                 continue
             fid, path, dur, a, b = r
-            if fid in best or not filters.accepts(path, dur, a, b):
+            if fid in best or fid in skip_files or not filters.accepts(path, dur, a, b):
                 continue
             best[fid] = SearchResult(len(best) + 1, float(sc), path, dur, float(a), float(b), int(fid),
                                      int(sid))

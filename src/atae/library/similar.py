@@ -50,25 +50,23 @@ def segments_at(library, path: str, seconds: float | None = None) -> list[int]:
     return [min(segs, key=lambda s: (abs((s[1] + s[2]) / 2 - seconds), s[0]))[0]]
 
 
-def _check(library, ids: list[int]) -> set[int]:
-    """The file ids of the segments, or ``UnknownSegment`` for the first id the library lacks."""
-    files = set()
+def _rows(library, ids: list[int]) -> dict[int, tuple]:
+    """``LibraryDB.segment_rows`` of the segments, or ``UnknownSegment`` for the first id the library
+    lacks."""
+    rows = library.db.segment_rows([s for s in ids if 0 < s < 2**63])
     for s in ids:
-        f = library.db.segment_file(s) if 0 < s < 2**63 else None
-        if f is None:
+        if s not in rows:
             raise UnknownSegment(f"no indexed sound has the segment id {s}",
                                  fix="take the segment_id of a search result (the library may have changed "
                                      "since: search again)")
-        files.add(f)
-    return files
+    return rows
 
 
 def describe(library, segment_id: int) -> dict:
     """Where a segment is: ``{"segment_id", "file_id", "path", "file_name", "duration", "start_s",
     "end_s"}`` (``UnknownSegment`` if the library lacks it)."""
     with library._lock:
-        _check(library, [int(segment_id)])
-        fid, path, dur, a, b = library.db.segment_rows([int(segment_id)])[int(segment_id)]
+        fid, path, dur, a, b = _rows(library, [int(segment_id)])[int(segment_id)]
     return {"segment_id": int(segment_id), "file_id": int(fid), "path": path,
             "file_name": os.path.basename(path), "duration": dur, "start_s": float(a), "end_s": float(b)}
 
@@ -87,18 +85,10 @@ def similar(library, segment_ids, *, k: int = 10, min_duration: float | None = N
         raise QueryError("no sound to search like", fix="give a segment id or an indexed file")
     with library._lock:
         library._refresh()
-        files = _check(library, ids)
+        files = {r[0] for r in _rows(library, ids).values()}
         index = library.index
         q = index.vectors(index.rows_of(np.asarray(ids, np.int64))).mean(axis=0)
-        own = set(int(x) for x in library.db.segment_ids_of(files))
-        fetch = max(4 * k + len(own), 64)
-        while True:
-            scores, hits = index.search(q, fetch)
-            keep = np.array([int(h) not in own for h in hits], dtype=bool)
-            res = library._collect(hits[keep], scores[keep], k, filters)
-            if len(res) >= k or fetch >= index.ntotal:
-                break
-            fetch *= 4
+        res = library._nearest(q, k, filters, skip_files=files)
         tags = library.db.segment_tags(ids)
     dist = example_distribution(np.mean(list(tags.values()), axis=0)) if tags else None
     with library._lock:
