@@ -146,22 +146,9 @@ def index(
         f"library: {stats['files']} files, {stats['segments']} segments, {stats['hours']:.2f} h, "
         f"index {stats['index']} ({stats['store']}), space {stats['space']}"
     )
-    if rep.failed:
-        echo(
-            f"{len(rep.failed)} unreadable file(s) (kept out of the index; fixed files are retried):",
-            fg="yellow",
-            err=True,
-        )
-        for path, why in rep.failed[:25]:
-            echo(f"  {path}: {why}", err=True)
-        if len(rep.failed) > 25:
-            echo(f"  ... and {len(rep.failed) - 25} more (--json lists all)", err=True)
-    if rep.not_scanned:
-        echo(f"{len(rep.not_scanned)} path(s) not looked at:", fg="yellow", err=True)
-        for path, why in rep.not_scanned[:25]:
-            echo(f"  {path}: {why}", err=True)
-        if len(rep.not_scanned) > 25:
-            echo(f"  ... and {len(rep.not_scanned) - 25} more (--json lists all)", err=True)
+    _list_some(f"{len(rep.failed)} unreadable file(s) (kept out of the index; fixed files are retried):",
+               rep.failed)
+    _list_some(f"{len(rep.not_scanned)} path(s) not looked at:", rep.not_scanned)
     for path, why in rep.skipped[:25]:
         echo(f"  skipped {path}: {why}", fg="yellow", err=True)
     if rep.previously_failed:
@@ -240,6 +227,17 @@ def serve(db, host, port, allow_hosts, max_upload_mb, device):
                       log=echo, warn=lambda m: echo(m, fg="yellow", err=True))
     finally:
         lib.close()
+
+
+def _list_some(header: str, pairs, most: int = 25) -> None:
+    """A yellow header and the first ``most`` (path, why) lines on stderr; nothing when there are none."""
+    if not pairs:
+        return
+    echo(header, fg="yellow", err=True)
+    for path, why in pairs[:most]:
+        echo(f"  {path}: {why}", err=True)
+    if len(pairs) > most:
+        echo(f"  ... and {len(pairs) - most} more (--json lists all)", err=True)
 
 
 COMMANDS = [index, prune, serve]

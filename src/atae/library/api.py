@@ -22,7 +22,7 @@ from pathlib import Path
 
 from atae.errors import LibraryError, ModelError
 from atae.library import indexer as _indexer
-from atae.library.db import LibraryDB
+from atae.library.db import LibraryDB, unfinished
 from atae.library.lock import WriterLock
 from atae.library.querying import QueryMixin
 from atae.library.space import VectorSpaceMixin
@@ -151,11 +151,7 @@ class Library(VectorSpaceMixin, QueryMixin):
             lib = cls(root, db, audio_tower=audio_tower, text_tower=text_tower, device=device)
             if db.get_meta("audio_tower") is None:  # new (or never finished): fix its settings
                 if not create:  # reading never sets a library up, so the unfinished command can finish it
-                    raise LibraryError(
-                        "this library is unfinished: an `atae index` into it stopped before it was set up",
-                        path=root,
-                        fix="run the same `atae index DIR --db LIB` command again to finish setting it up",
-                    )
+                    raise unfinished(root)
                 lib._init_settings(audio_encoder, audio_weights, model_obj, window_s, hop_s, long_s, index,
                                    store)
             else:

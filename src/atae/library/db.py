@@ -29,6 +29,7 @@ import os
 import sqlite3
 import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,14 @@ SCHEMA_VERSION = 1
 DB_NAME = "library.sqlite"
 HASH_PREFIX = "sha256:"
 _OWN_TABLES = {"meta", "files", "segments", "sqlite_sequence"}
-_UNFINISHED_FIX = "run the same `atae index DIR --db LIB` command again to finish setting it up"
+
+
+def unfinished(root) -> LibraryError:
+    """The error of a library whose `atae index` stopped before it was set up (reading never finishes it)."""
+    return LibraryError("this library is unfinished: an `atae index` into it stopped before it was set up",
+                        path=root,
+                        fix="run the same `atae index DIR --db LIB` command again to finish setting it up")
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -159,11 +167,7 @@ class LibraryDB:
             else:
                 raise self._error(exc, create) from exc
         if version is None:
-            raise LibraryError(
-                "this library is unfinished: an `atae index` into it stopped before it was set up",
-                path=self.root,
-                fix=_UNFINISHED_FIX,
-            )
+            raise unfinished(self.root)
         if not str(version).isdigit():
             raise LibraryError(f"library schema version {version!r} is not one atae wrote", path=self.path,
                                fix="the file is damaged: restore it from a backup, or index into a new --db")
@@ -380,12 +384,9 @@ class LibraryDB:
         """Indexed ('ok') rows by content hash, for the given hashes (move detection across folders)."""
         out: dict[str, list[FileRow]] = {}
         hashes = [h for h in dict.fromkeys(hashes) if h]
-        for i in range(0, len(hashes), 500):
-            chunk = hashes[i : i + 500]
-            q = ",".join("?" * len(chunk))
-            for r in self.conn.execute(
-                f"SELECT {_FILE_COLS} FROM files WHERE status='ok' AND hash IN ({q}) ORDER BY id", chunk
-            ):
+        sql = f"SELECT {_FILE_COLS} FROM files WHERE status='ok' AND hash IN ({{q}}) ORDER BY id"
+        for rows in self._in(sql, hashes):
+            for r in rows:
                 out.setdefault(r[4], []).append(FileRow(*r))
         return out
 
@@ -416,24 +417,15 @@ class LibraryDB:
             while rows := cur.fetchmany(batch):
                 yield pack(rows)
             return
-        ids = np.asarray(ids, dtype=np.int64)
-        for i in range(0, len(ids), 500):
-            chunk = [int(x) for x in ids[i : i + 500]]
-            q = ",".join("?" * len(chunk))
-            rows = self.conn.execute(
-                f"SELECT id, n_elems, raw FROM segments WHERE id IN ({q}) ORDER BY id", chunk
-            ).fetchall()
+        for rows in self._in("SELECT id, n_elems, raw FROM segments WHERE id IN ({q}) ORDER BY id",
+                             (int(x) for x in ids)):
             if rows:
                 yield pack(rows)
 
     def segment_ids_of(self, file_ids) -> np.ndarray:
         """Sorted ids of the segments of the given files."""
-        out: list[int] = []
-        file_ids = [int(x) for x in file_ids]
-        for i in range(0, len(file_ids), 500):
-            chunk = file_ids[i : i + 500]
-            q = ",".join("?" * len(chunk))
-            out += [r[0] for r in self.conn.execute(f"SELECT id FROM segments WHERE file_id IN ({q})", chunk)]
+        out = [r[0] for rows in self._in("SELECT id FROM segments WHERE file_id IN ({q})",
+                                         (int(x) for x in file_ids)) for r in rows]
         return np.array(sorted(out), dtype=np.int64)
 
     def segment_ids_after(self, last_id: int) -> np.ndarray:
@@ -467,31 +459,25 @@ class LibraryDB:
 
     def segment_rows(self, ids: list[int]) -> dict[int, tuple]:
         """id -> (file_id, path, duration, start_s, end_s) for live ids (missing ids are left out)."""
-        out: dict[int, tuple] = {}
-        for i in range(0, len(ids), 500):
-            chunk = [int(x) for x in ids[i : i + 500]]
-            q = ",".join("?" * len(chunk))
-            for r in self.conn.execute(
-                "SELECT s.id, s.file_id, f.path, f.duration, s.start_s, s.end_s FROM segments s "
-                f"JOIN files f ON f.id = s.file_id WHERE s.id IN ({q})",
-                chunk,
-            ):
-                out[r[0]] = r[1:]
-        return out
+        sql = ("SELECT s.id, s.file_id, f.path, f.duration, s.start_s, s.end_s FROM segments s "
+               "JOIN files f ON f.id = s.file_id WHERE s.id IN ({q})")
+        return {r[0]: r[1:] for rows in self._in(sql, (int(x) for x in ids)) for r in rows}
 
     # --- result details: explanations and "more like this" ----------------------------------------
     def segment_tags(self, ids) -> dict[int, np.ndarray]:
         """id -> (527,) float32 tag probabilities, for the given segments that have tags."""
-        out: dict[int, np.ndarray] = {}
-        ids = [int(x) for x in ids]
-        for i in range(0, len(ids), 500):
-            chunk = ids[i : i + 500]
-            q = ",".join("?" * len(chunk))
-            for sid, blob in self.conn.execute(
-                f"SELECT id, tags FROM segments WHERE tags IS NOT NULL AND id IN ({q})", chunk
-            ):
-                out[int(sid)] = np.frombuffer(blob, dtype=np.float16).astype(np.float32)
-        return out
+        return {int(sid): np.frombuffer(blob, dtype=np.float16).astype(np.float32)
+                for rows in self._in("SELECT id, tags FROM segments WHERE tags IS NOT NULL AND id IN ({q})",
+                                     (int(x) for x in ids))
+                for sid, blob in rows}
+
+    def _in(self, sql: str, values) -> Iterator[list[tuple]]:
+        """The rows of ``sql``, whose ``{q}`` stands for an IN list, over ``values`` in chunks of 500 (SQLite
+        caps a statement's variables), one list of rows per chunk."""
+        values = list(values)
+        for i in range(0, len(values), 500):
+            chunk = values[i : i + 500]
+            yield self.conn.execute(sql.replace("{q}", ",".join("?" * len(chunk))), chunk).fetchall()
 
     def file_by_path(self, path: str) -> FileRow | None:
         r = self.conn.execute(f"SELECT {_FILE_COLS} FROM files WHERE path=?", (str(path),)).fetchone()
