@@ -40,6 +40,7 @@ from atae.features.extract import (
     _resolve_table,
     _unique_todo,
     audio_ident,
+    encode_checked,
 )
 from atae.io import atomic_write_bytes, atomic_write_text
 
@@ -89,13 +90,13 @@ class _Encode:
 
     def __call__(self, batch: dict) -> dict:
         ok = [i for i, e in enumerate(batch["error"]) if not e]
-        encs = self.tower.encode_many([batch["wave"][i] for i in ok]) if ok else []
+        encs = encode_checked(self.tower, [batch["wave"][i] for i in ok], self.dim)
         seq: list = [np.zeros((0, self.dim), np.float32)] * len(batch["key"])
         times, tags, error = [np.zeros((0, 2))] * len(seq), [np.zeros((0, 0), np.float32)] * len(seq), \
             list(batch["error"])
-        for i, enc in zip(ok, encs, strict=True):
-            if enc.seq.ndim != 2 or enc.seq.shape[0] < 1 or enc.seq.shape[1] != self.dim:
-                error[i] = f"tower returned shape {enc.seq.shape}"
+        for i, (enc, why) in zip(ok, encs, strict=True):
+            if why is not None:
+                error[i] = why
                 continue
             seq[i], times[i] = np.asarray(enc.seq, np.float32), np.asarray(enc.times, np.float64)
             if enc.tags is not None:

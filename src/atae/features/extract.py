@@ -205,23 +205,19 @@ def extract_audio(table_or_store, tower: AudioTower, items: Sequence[tuple[str, 
                     nxt = pool.submit(_decode_batch, batches[bi + 1], loader, tower.sample_rate)
                 failures = {k: (str(p) or k, r) for k, p, w, r in decoded if w is None}
                 good = [(k, w) for k, p, w, r in decoded if w is not None]
-                encs: list[AudioEncoding] = tower.encode_many([w for _, w in good]) if good else []
-                if len(encs) != len(good):
-                    raise RuntimeError(f"{tower.info.name}.encode_many returned {len(encs)} for {len(good)}")
+                encs = encode_checked(tower, [w for _, w in good], table.info.dim)
                 keys, seqs, times, tags = [], [], [], []
-                for (k, _), enc in zip(good, encs, strict=True):
-                    if enc.seq.shape[0] < 1 or enc.seq.shape[1] != table.info.dim:
-                        failures[k] = (str(dict(batch)[k]), f"tower returned shape {enc.seq.shape}")
+                for (k, _), (enc, why) in zip(good, encs, strict=True):
+                    if why is not None:
+                        failures[k] = (str(dict(batch)[k]), why)
                         continue
                     keys.append(k)
                     seqs.append(enc.seq)
                     times.append(enc.times)
                     tags.append(enc.tags)
-                with_tags = [t is not None for t in tags]
-                if any(with_tags) and not all(with_tags):
-                    raise RuntimeError(f"{tower.info.name} returned tags for some clips only")
+                with_tags = bool(tags) and tags[0] is not None  # all or none (encode_checked)
                 _commit(table, report, changed, ident, keys, seqs, failures, times,
-                        tags if any(with_tags) else None)
+                        tags if with_tags else None)
                 bar.update(len(batch))
                 if failures:
                     bar.set_postfix(failed=len(report.failed))
@@ -235,6 +231,20 @@ def extract_audio(table_or_store, tower: AudioTower, items: Sequence[tuple[str, 
             table.update_manifest()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def encode_checked(tower, waves: list, dim: int) -> list[tuple[AudioEncoding | None, str | None]]:
+    """``tower.encode_many(waves)``, each encoding with why it is unusable (None: usable). A tower that
+    answers for some clips only, or tags some clips only, has a bug: RuntimeError."""
+    encs: list[AudioEncoding] = tower.encode_many(waves) if waves else []
+    if len(encs) != len(waves):
+        raise RuntimeError(f"{tower.info.name}.encode_many returned {len(encs)} for {len(waves)}")
+    out = [(enc, None) if enc.seq.ndim == 2 and enc.seq.shape[0] >= 1 and enc.seq.shape[1] == dim
+           else (None, f"tower returned shape {enc.seq.shape}") for enc in encs]
+    with_tags = [enc.tags is not None for enc, _ in out if enc is not None]
+    if any(with_tags) and not all(with_tags):
+        raise RuntimeError(f"{tower.info.name} returned tags for some clips only")
+    return out
 
 
 def extract_text(table_or_store, tower: TextTower, items: Sequence[tuple[str, str]], *,
