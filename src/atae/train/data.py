@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from atae.errors import DataError
-from atae.features import caption_key
+from atae.features import caption_key, dataset_queries
 from atae.model import AlignedModel
 
 
@@ -210,8 +210,6 @@ class ValData:
 
     @classmethod
     def build(cls, dataset, audio_table, text_table) -> ValData:
-        from atae.features import dataset_queries
-
         keys, _, tkeys, rel, _ = dataset_queries(dataset, audio_table, text_table)
         if not tkeys:
             raise DataError(f"validation set {getattr(dataset, 'name', '')!r} has no usable caption",
