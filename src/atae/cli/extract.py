@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from atae.cli.options import device_option
+from atae.cli.options import device_option, ray_options
 from atae.cli.output import echo, echo_lines
 
 
@@ -26,10 +26,7 @@ from atae.cli.output import echo, echo_lines
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help='Where the audio tower runs: this process, or a Ray cluster '
               '(pip install "atae[distributed]").')
-@click.option("--ray-address", default=None, help="A running Ray cluster (e.g. ray://host:10001 or auto); "
-              "default: a local one on this machine's CPUs.")
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(1),
-              help="Tower actors with --engine ray.")
+@ray_options
 @device_option
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars (TTY only).")
 def extract(csv_path, audio_dir, out, audio_encoder, audio_weights, text_encoder, text_weights, batch_size,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from atae.cli.options import device_option
+from atae.cli.options import device_option, ray_options
 from atae.cli.output import echo, echo_json
 
 
@@ -75,10 +75,7 @@ from atae.cli.output import echo, echo_json
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Where files are encoded: this process, or a Ray cluster "
               '(pip install "atae[distributed]"); this process decides and commits either way.')
-@click.option("--ray-address", default=None, help="A running Ray cluster (e.g. ray://host:10001 or auto); "
-              "default: a local one on this machine's CPUs.")
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(1),
-              help="Tower actors with --engine ray.")
+@ray_options
 @click.option("--wait", is_flag=True, help="If another process is indexing this library, wait for it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar (TTY only).")

@@ -36,6 +36,7 @@ from atae.features.extract import (
     ExtractReport,
     _audio_current,
     _commit,
+    _compact,
     _decode_batch,
     _resolve_table,
     _unique_todo,
@@ -200,8 +201,6 @@ def extract_audio_ray(table_or_store, tower, items: Sequence[tuple[str, str | Pa
                 for part in batch["part"]:
                     _ingest(table, Path(str(part)), report, changed)
         table.update_manifest()
-        if compact:
-            table.compact()
-            table.update_manifest()
+        _compact(table, compact)
     report.seconds = time.perf_counter() - t0
     return report

@@ -226,11 +226,16 @@ def extract_audio(table_or_store, tower: AudioTower, items: Sequence[tuple[str, 
             if pool:
                 pool.shutdown(wait=True, cancel_futures=True)
             table.update_manifest()
-        if compact:
-            table.compact()
-            table.update_manifest()
+        _compact(table, compact)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _compact(table, compact: bool) -> None:
+    """Merge a run's small shards (``compact``) and rewrite the manifest over the result."""
+    if compact:
+        table.compact()
+        table.update_manifest()
 
 
 def encode_checked(tower, waves: list, dim: int) -> list[tuple[AudioEncoding | None, str | None]]:
@@ -285,9 +290,7 @@ def extract_text(table_or_store, tower: TextTower, items: Sequence[tuple[str, st
         finally:
             bar.close()
             table.update_manifest()
-        if compact:
-            table.compact()
-            table.update_manifest()
+        _compact(table, compact)
     report.seconds = time.perf_counter() - t0
     return report
 
