@@ -95,7 +95,7 @@ def test_atae_recipe_learns_and_writes_run_folder(world, tmp_path):
     want = model.encode_text(list(texts.values()))
     ref = model.caption_reference
     assert ref is not None and ref.shape == (len(texts), model.out_dim)
-    got = sorted(map(tuple, np.round(ref, 2)))
+    got = sorted(map(tuple, np.round(ref.astype(np.float32), 2)))
     assert got == sorted(map(tuple, np.round(want.astype(np.float16).astype(np.float32), 2)))
 
 

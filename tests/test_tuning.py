@@ -17,7 +17,7 @@ from atae import bridge as br
 from atae import tuning
 from atae.cli import main
 from atae.model import AlignedModel
-from atae.scoring import EXTRA_HYBRID_GATE, EXTRA_HYBRID_WEIGHT, Fusion
+from atae.scoring import CLOSENESS_ERROR, EXTRA_HYBRID_GATE, EXTRA_HYBRID_WEIGHT, Fusion
 from atae.towers import registry
 from atae.towers.base import TextTower, TowerInfo
 from library_fakes import FREQS, BandTower, WordTower, write_tone, write_tone_mix
@@ -248,10 +248,10 @@ def test_tune_after_training_stores_values_and_skips_towers_without_head(tmp_pat
     out = tune_after_training(model, (ds, atab, ttab), tmp_path / "run", text_tower=HashTower())
     assert out[br.EXTRA_BRIDGE_TEMPERATURE] == exp_t == br.DEFAULT_TEMPERATURE
     assert out[EXTRA_HYBRID_WEIGHT] == exp_w
-    assert out[EXTRA_HYBRID_GATE] == pytest.approx(exp_gate, abs=1e-5)
+    assert out[EXTRA_HYBRID_GATE] == pytest.approx(exp_gate, abs=CLOSENESS_ERROR)
     loaded = AlignedModel.load(tmp_path / "run")
     assert loaded.extras[br.EXTRA_BRIDGE_TEMPERATURE] == exp_t and Fusion.of(loaded).weight == exp_w
-    assert Fusion.of(loaded).threshold == pytest.approx(exp_gate, abs=1e-5)
+    assert Fusion.of(loaded).threshold == pytest.approx(exp_gate, abs=CLOSENESS_ERROR)
     assert loaded.extras[EXTRA_TUNED_ON]["n_queries"] == 2 * len(ds.clips)
     # no AudioSet tags: nothing tuned, nothing written
     plain = FakeTable(atab.info, {k: atab.get(k) for k in atab.keys})

@@ -76,12 +76,21 @@ class AlignedModel(nn.Module):
         self.text_adapter = Adapter(text_info.dim, hidden, out_dim)
         self.extras: dict = dict(extras or {})  # persisted in config.json (e.g. a hybrid weight)
         self.train_summary: dict = {}  # persisted in config.json (recipe, epochs, best val score)
-        # (N, out_dim) unit text-adapter embeddings of the training captions, or None: how far a query is
-        # from what the adapters were trained on (``atae.scoring.Fusion``); saved beside the adapters
-        self.caption_reference: np.ndarray | None = None
+        self.caption_reference = None
         # {"audio": path, "text": path}: the tower weights read at training, so later commands find them
         # again (checked by SHA-256 against the tower infos, ``atae.towers.trained_with``)
         self.weights_files: dict[str, str] = {}
+
+    @property
+    def caption_reference(self) -> np.ndarray | None:
+        """(N, out_dim) float16 unit text-adapter embeddings of the training captions, or None: how far a
+        query is from what the adapters were trained on (``atae.scoring.Fusion``); saved beside the
+        adapters. Held in float16 whatever is assigned, as it is saved and as the gate reads it."""
+        return self._caption_reference
+
+    @caption_reference.setter
+    def caption_reference(self, ref) -> None:
+        self._caption_reference = None if ref is None else np.ascontiguousarray(ref, np.float16)
 
     def embed_audio(self, z: torch.Tensor, mask: torch.Tensor | None = None, *,
                     normalize: bool = False) -> torch.Tensor:
@@ -124,7 +133,7 @@ class AlignedModel(nn.Module):
         d.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         if self.caption_reference is not None:
-            state[REFERENCE_KEY] = torch.from_numpy(np.ascontiguousarray(self.caption_reference, np.float16))
+            state[REFERENCE_KEY] = torch.from_numpy(self.caption_reference)
         with atomic_path(d / WEIGHTS_NAME) as tmp:
             save_file(state, tmp)
             sha = _sha256(Path(tmp))
@@ -173,7 +182,7 @@ class AlignedModel(nn.Module):
             if ref is not None:
                 if ref.ndim != 2 or ref.shape[1] != model.out_dim:
                     raise RuntimeError(f"{REFERENCE_KEY} has shape {tuple(ref.shape)}")
-                model.caption_reference = ref.float().numpy()
+                model.caption_reference = ref.numpy()
         except (KeyError, TypeError) as e:
             raise ModelError(f"config.json lacks a field ({e})", path=cfg_path,
                              fix="retrain the model") from e
