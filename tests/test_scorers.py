@@ -301,7 +301,7 @@ def test_search_state_over_hnsw_with_gaps_and_untagged_segments():
         b = [sum(float(x) * float(y) ** 0.5 for x, y in zip(d, r, strict=True)) for r in t]
         for cands in (100, n):
             inside = set(_top_ids(a, ids, cands)) | set(_top_ids(b, ids, cands))
-            for w in (0.3, 0.5):
+            for w in (0.0, 0.3, 0.5):  # 0: the gate's bridge-only queries
                 mix = w * np.asarray(_z(a)) + (1 - w) * np.asarray(_z(b))
                 for k in (5, 40):
                     keep = [c for c in range(n) if int(ids[c]) in inside]

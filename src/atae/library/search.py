@@ -21,10 +21,12 @@ Search rules (the results of ``atae.scoring`` on the whole library, up to the ca
   index, approximate for HNSW, searched there at ``HYBRID_EF_SEARCH``: the bridge's list makes up for
   what a narrower graph search misses) and the bridge's ``BRIDGE_CANDIDATES`` candidates, rescored exactly on
   both sides and mixed with the corpus z-scores. A segment outside both lists would have to rank low on
-  both sides yet high on their mix.
+  both sides yet high on their mix. A query the novelty gate gives to the bridge alone (``Fusion``) is the
+  bridge's search, z-scored.
 
 ``bench/bench_hybrid.py`` measured the recall of both rules against the dense computation on a 100k
-library of real mn04 tags and chose the numbers (``bench/results/hybrid.json``).
+library of real mn04 tags and chose the numbers (``bench/results/hybrid.json``); the graph's list and
+efSearch are the smallest whose recall@10 and @64 stay within 0.01 of a 256 list at efSearch 512.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ from atae import scoring
 DENSE_LIMIT = 4096
 BRIDGE_LABELS = 8
 BRIDGE_CANDIDATES = 512
-HYBRID_CANDIDATES = 256
-HYBRID_EF_SEARCH = 256
+HYBRID_CANDIDATES = 128
+HYBRID_EF_SEARCH = 128
 
 
 class SearchState:
@@ -98,7 +100,11 @@ class SearchState:
         """(positions, scores) of the n best segments by ``atae.scoring.hybrid_scores`` over the whole
         library (corpus z-scores), found among the adapter index's top ``graph`` (default
         ``HYBRID_CANDIDATES``, searched over HNSW at ``ef_search``, default ``HYBRID_EF_SEARCH``) and the
-        bridge's ``bridge`` candidates (default ``BRIDGE_CANDIDATES``)."""
+        bridge's ``bridge`` candidates (default ``BRIDGE_CANDIDATES``). A query the novelty gate sent to the
+        bridge alone (weight 0) ranks as the bridge does: its top, z-scored, with no graph search."""
+        if weight == 0:
+            pos, b = self.bridge_top(dist, n)
+            return pos, scoring.zscore(b[None], self.bridge_stats(dist))[0].astype(np.float32)
         _, hits = self.index.search(q, max(graph or HYBRID_CANDIDATES, n),
                                     ef_search=ef_search or HYBRID_EF_SEARCH)
         near = np.searchsorted(self.ids, hits)
