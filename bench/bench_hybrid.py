@@ -16,10 +16,9 @@ The library is real (``atae.library.Library``: SQLite + FAISS HNSW, the real Min
 ``Library.search(text, k=10, scorer=...)``: the text tower, the scorer, the segment rows from SQLite.
 The three scorers are interleaved call by call, so a change of load on the machine hits each alike, with a
 fourth: the hybrid for queries its novelty gate sends to the bridge alone (a query unlike every training
-caption; the other hybrid calls all pass the gate). Each
-call is timed by the wall clock and by the thread's CPU time (the same single-threaded work on an idle
-machine; on a shared one the CPU time is the steadier of the two). Torch, BLAS and FAISS use one thread,
-as one web request is served.
+caption; the other hybrid calls all pass the gate). Each call is timed by the wall clock and by the
+thread's CPU time (the same single-threaded work on an idle machine; on a shared one the CPU time is the
+steadier of the two). Torch, BLAS and FAISS use one thread, as one web request is served.
 
 **Recall** (scoring only, no text tower): for each query, the dense hybrid / bridge over every segment
 (``HybridScorer.score`` / ``BridgeScorer.score``) against the candidate rule with several list lengths.
