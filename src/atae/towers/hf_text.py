@@ -99,7 +99,6 @@ class HFTextTower(TextTower):
         self.cache_size = max(0, int(cache_size))
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_lock = threading.Lock()
-        self.cache_hits = self.cache_misses = 0
         self._fed: weakref.WeakSet[HFTextTower] = weakref.WeakSet()
 
     def feed(self, other: HFTextTower) -> bool:
@@ -155,11 +154,8 @@ class HFTextTower(TextTower):
             hit = self._cache.get(text)
             if hit is not None:
                 self._cache.move_to_end(text)
-                self.cache_hits += 1
                 return [hit.copy()]
         z = self._encode(texts, feed=True)[0]
-        with self._cache_lock:
-            self.cache_misses += 1
         self._remember(text, z)
         return [z]
 
