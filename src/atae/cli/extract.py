@@ -35,18 +35,14 @@ def extract(csv_path, audio_dir, out, audio_encoder, audio_weights, text_encoder
     from atae.data import read_caption_csv
     from atae.device import default_batch, resolve_device
     from atae.features import ensure_dataset_features
-    from atae.towers.registry import default_towers, get_audio_tower, get_text_tower
+    from atae.towers.registry import get_towers
 
     dev = resolve_device(device)  # first: a device that is not there fails before any work
     dataset = read_caption_csv(csv_path, audio_dir)
     for p in dataset.problems:
         echo(f"warning: {p}", fg="yellow", err=True)
-    if audio_encoder is None or text_encoder is None:
-        default_audio, default_text = default_towers()
-        audio_encoder = audio_encoder or default_audio
-        text_encoder = text_encoder or default_text
-    audio_tower = get_audio_tower(audio_encoder, audio_weights, device=str(dev))
-    text_tower = get_text_tower(text_encoder, text_weights, device=str(dev))
+    audio_tower, text_tower = get_towers(audio_encoder, audio_weights, text_encoder, text_weights,
+                                         device=str(dev))
     echo(f"towers: audio {audio_tower.info.key()}  text {text_tower.info.key()}  on {dev}")
     batch_size = batch_size or default_batch(dev, 16, 64)
     audio, text, report = ensure_dataset_features(dataset, audio_tower, text_tower, out, progress=progress,

@@ -81,3 +81,13 @@ def default_towers() -> tuple[str, str]:
     except WeightsError:
         return OFFLINE_PAIR
     return SEED_PAIR
+
+
+def get_towers(audio: str | None = None, audio_weights=None, text: str | None = None, text_weights=None,
+               **opts):
+    """(audio tower, text tower) by name, ``default_towers()`` for a name not given (``atae extract`` and
+    ``atae train``); ``opts`` (e.g. ``device``) go to both."""
+    if audio is None or text is None:
+        default_audio, default_text = default_towers()
+        audio, text = audio or default_audio, text or default_text
+    return get_audio_tower(audio, audio_weights, **opts), get_text_tower(text, text_weights, **opts)

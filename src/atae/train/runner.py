@@ -173,7 +173,7 @@ def train_from_files(recipe: str | Path, *, train_csv, train_audio, val_csv, val
     """
     from atae.data import read_caption_csv, read_fsd50k_noisy
     from atae.features import ensure_dataset_features
-    from atae.towers.registry import default_towers, get_audio_tower, get_text_tower
+    from atae.towers.registry import get_towers
 
     dev = resolve_device(device)  # first: a device that is not there fails before any work
     rec = load_recipe(recipe, seed=seed, max_epochs=max_epochs, loss=loss)
@@ -190,11 +190,8 @@ def train_from_files(recipe: str | Path, *, train_csv, train_audio, val_csv, val
     for ds in (clean, val):
         for p in ds.problems:
             echo(f"warning: {escape(p)}")
-    if audio_encoder is None or text_encoder is None:
-        da, dt = default_towers()
-        audio_encoder, text_encoder = audio_encoder or da, text_encoder or dt
-    audio_tower = get_audio_tower(audio_encoder, audio_weights, device=str(dev))
-    text_tower = get_text_tower(text_encoder, text_weights, device=str(dev))
+    audio_tower, text_tower = get_towers(audio_encoder, audio_weights, text_encoder, text_weights,
+                                         device=str(dev))
     echo(f"towers: audio {audio_tower.info.name} ({audio_tower.info.key()}), "
          f"text {text_tower.info.name} ({text_tower.info.key()}) on {dev}")
     atab = ttab = None
