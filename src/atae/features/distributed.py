@@ -139,9 +139,11 @@ def _cat(arrays: list[np.ndarray]) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ the driver
 def _ingest(table, part: Path, report: ExtractReport, changed: set) -> None:
     """Commit one part into the table (keys whose file changed since are left for the next run)."""
-    z = np.load(part, allow_pickle=False)
-    keys, paths, idents, errors = (z[k].tolist() for k in ("key", "path", "ident", "error"))
-    offsets = np.concatenate([[0], np.cumsum(z["length"])])
+    with np.load(part, allow_pickle=False) as z:  # each member read once: an npz decodes it per access
+        keys, paths, idents, errors = (z[k].tolist() for k in ("key", "path", "ident", "error"))
+        offsets = np.concatenate([[0], np.cumsum(z["length"])])
+        all_seq, all_times = z["seq"], z["times"]
+        all_tags = z["tags"] if "tags" in z.files else None
     keep, seqs, times, tags, ident, failures = [], [], [], [], {}, {}
     for j, key in enumerate(keys):
         recorded = json.loads(idents[j])
@@ -152,9 +154,9 @@ def _ingest(table, part: Path, report: ExtractReport, changed: set) -> None:
             continue  # the file changed since it was encoded, or the row is already stored
         a, b = offsets[j], offsets[j + 1]
         keep.append(key)
-        seqs.append(z["seq"][a:b])
-        times.append(z["times"][a:b])
-        tags.append(z["tags"][a:b] if "tags" in z.files else None)
+        seqs.append(all_seq[a:b])
+        times.append(all_times[a:b])
+        tags.append(all_tags[a:b] if all_tags is not None else None)
         ident[key] = recorded
     has_tags = bool(keep) and tags[0] is not None
     _commit(table, report, changed, ident, keep, seqs, failures, times, tags if has_tags else None)

@@ -63,17 +63,18 @@ def _write_part(batch: dict, work: str) -> dict:
 
 def _read_part(path: Path) -> dict:
     """{(path, size, mtime_ns): encode_one's result} of one part."""
-    z = np.load(path, allow_pickle=False)
     out = {}
-    for i, p in enumerate(z["path"].tolist()):
-        meta = json.loads(str(z["result"][i]))
-        raw, tags = z[f"raw{i}"], z[f"tags{i}"]
-        segs, at = [], 0
-        for j, (a, b, n) in enumerate(meta["spans"]):
-            segs.append(SegmentIn(a, b, raw[at:at + n], tags[j] if tags.size else None))
-            at += n
-        key = (p, int(z["size"][i]), int(z["mtime_ns"][i]))
-        out[key] = (meta["duration"], meta["sample_rate"], meta["channels"], segs, meta["error"])
+    with np.load(path, allow_pickle=False) as z:  # each member read once: an npz decodes it per access
+        results, sizes, mtimes = z["result"], z["size"], z["mtime_ns"]
+        for i, p in enumerate(z["path"].tolist()):
+            meta = json.loads(str(results[i]))
+            raw, tags = z[f"raw{i}"], z[f"tags{i}"]
+            segs, at = [], 0
+            for j, (a, b, n) in enumerate(meta["spans"]):
+                segs.append(SegmentIn(a, b, raw[at:at + n], tags[j] if tags.size else None))
+                at += n
+            out[(p, int(sizes[i]), int(mtimes[i]))] = (meta["duration"], meta["sample_rate"],
+                                                       meta["channels"], segs, meta["error"])
     return out
 
 
