@@ -8,16 +8,20 @@ is asked for but missing is an error that says what is there, never a silent fal
 from __future__ import annotations
 
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from atae.errors import AtaeError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI reads CHOICES at start-up
+    import torch
 
 CHOICES = "auto, cpu, cuda, cuda:N or mps"
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     """The torch device for ``name`` (see the module docstring); ``AtaeError`` when it is not usable."""
+    import torch
+
     if isinstance(name, torch.device):
         name = str(name)
     name = (name or "auto").strip().lower()
@@ -47,6 +51,8 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
 def gpus_per_worker(device) -> float:
     """GPUs each Ray tower actor asks for: one when the towers run on CUDA (Ray then places the actors on
     GPU nodes and gives each its own card), else none."""
+    import torch
+
     return 1.0 if torch.device(str(device)).type == "cuda" else 0.0
 
 
