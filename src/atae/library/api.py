@@ -132,7 +132,9 @@ class Library(VectorSpaceMixin, QueryMixin):
         """
         from atae.device import resolve_device
 
-        device = str(resolve_device(device))  # first: a device that is not there fails before any work
+        device = str(resolve_device(device))  # first: a missing device or store fails before any work
+        if store is not None:
+            _checked_store(store)
         root = Path(path).expanduser()
         exists = (root / "library.sqlite").exists()
         if not exists and not create:

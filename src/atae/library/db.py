@@ -306,11 +306,9 @@ class LibraryDB:
     def counts(self) -> dict:
         files_ok = self.conn.execute("SELECT count(*) FROM files WHERE status='ok'").fetchone()[0]
         failed = self.conn.execute("SELECT count(*) FROM files WHERE status='failed'").fetchone()[0]
-        segs, dur = self.conn.execute(
-            "SELECT (SELECT count(*) FROM segments), (SELECT coalesce(sum(duration), 0) FROM files "
-            "WHERE status='ok')"
-        ).fetchone()
-        return {"files": files_ok, "failed": failed, "segments": segs, "hours": dur / 3600.0}
+        dur = self.conn.execute(
+            "SELECT coalesce(sum(duration), 0) FROM files WHERE status='ok'").fetchone()[0]
+        return {"files": files_ok, "failed": failed, "segments": self.segment_count(), "hours": dur / 3600.0}
 
     def put_file(
         self,
@@ -432,6 +430,9 @@ class LibraryDB:
         """Ids of the segments committed after ``last_id`` (ids only grow), in order."""
         rows = self.conn.execute("SELECT id FROM segments WHERE id > ? ORDER BY id", (int(last_id),))
         return np.fromiter((r[0] for r in rows), dtype=np.int64)
+
+    def segment_count(self) -> int:
+        return int(self.conn.execute("SELECT count(*) FROM segments").fetchone()[0])
 
     def has_segments(self) -> bool:
         return self.conn.execute("SELECT 1 FROM segments LIMIT 1").fetchone() is not None

@@ -110,13 +110,16 @@ class QueryMixin:
     def _nearest(self, q: np.ndarray, k: int, filters: Filters, skip_files=frozenset()) -> list[SearchResult]:
         """The k files nearest the vector ``q`` in the index (each at its best segment) that pass
         ``filters``, leaving out ``skip_files``: more hits are fetched until k are found or none are left."""
-        if self.index is None or self.index.ntotal == 0:
+        n = self.index.ntotal if self.index is not None else 0
+        if n == 0:
             return []
         fetch, where = max(4 * k, 64), filters.to_sql()
         while True:
             scores, ids = self.index.search(q, fetch, where=where)
             res = self._collect(ids, scores, k, filters, skip_files)
-            if len(res) >= k or fetch >= self.index.ntotal:
+            # fewer hits than asked for: none are left (a store that filters in the search has found
+            # every match), so a wider search would return the same
+            if len(res) >= k or fetch >= n or len(ids) < fetch:
                 return res
             fetch *= 4
 

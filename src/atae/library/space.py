@@ -77,7 +77,7 @@ class VectorSpaceMixin:
             # while no indexer runs (a stale handle or a race would write rows twice)
             self.index = self._load_index()
             if not self._writer.try_acquire():
-                if self.index is not None and self.index.ntotal == len(self.db.segment_ids()):
+                if self.index is not None and self.index.ntotal == self.db.segment_count():
                     self._gen = gen  # the indexer has written every committed row
                 return  # else not current: the next search reads the indexer's newer rows
             try:
