@@ -265,7 +265,7 @@ class Quality:
             weight = tuning.tune_hybrid_weight(self.scores("adapter", tower, problem, model),
                                                self.scores("bridge", tower, problem, model), problem.rel)
         model.extras[scoring.EXTRA_HYBRID_WEIGHT] = float(weight)
-        gate = tuning.gate_threshold(model, problem.seqs)
+        gate = tuning.gate_threshold(model, model.encode_text(problem.seqs))
         if gate is not None:
             model.extras[scoring.EXTRA_HYBRID_GATE] = gate
 

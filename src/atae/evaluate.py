@@ -197,7 +197,7 @@ def towers_for_model(model: AlignedModel, *, audio_weights=None, text_weights=No
     from atae.towers.trained_with import weights_for
 
     ai, ti = model.audio_info, model.text_info
-    files = getattr(model, "weights_files", None) or {}
+    files = model.weights_files
     a_opts = {k: ai.options[k] for k in ("window_s", "hop_s") if k in ai.options}
     audio = get_audio_tower(ai.name, weights_for(ai, explicit=audio_weights, remembered=files.get("audio")),
                             device=device, **a_opts)
@@ -238,7 +238,7 @@ def scores_for(scorer: str, *, candidates: Sequence[str], texts: Sequence[str], 
         if text_seqs is None:
             text_seqs = encode_texts(text_tower, texts)
         text_vectors = model.encode_text(text_seqs)
-        adapter = text_vectors @ model.encode_audio([audio_table.get(k) for k in candidates]).T
+        adapter = adapter_scores(model, [audio_table.get(k) for k in candidates], text_vectors=text_vectors)
     if scorer == "adapter":
         return adapter
     if audio_tower is not None:
@@ -285,13 +285,13 @@ def evaluate_run(run_dir=None, *, audio_dir, json_out=None, csv=None, queries=No
         audio_tower, text_tower = towers_for_model(model, audio_weights=audio_weights,
                                                    text_weights=text_weights, device=dev)
     else:
-        from atae.towers.registry import default_towers, get_audio_tower, get_text_tower
+        from atae.towers.registry import get_towers
 
         if audio_encoder is None:
             raise DataError("--scorer bridge without a RUN needs --audio-encoder (a tower with an AudioSet "
                             "head)", fix="e.g. --audio-encoder efficientat-mn04 --audio-weights W")
-        audio_tower = get_audio_tower(audio_encoder, audio_weights, device=dev)
-        text_tower = get_text_tower(text_encoder or default_towers()[1], text_weights, device=dev)
+        audio_tower, text_tower = get_towers(audio_encoder, audio_weights, text_encoder, text_weights,
+                                             device=dev)
     if scorer in ("bridge", "hybrid"):
         from atae.bridge import require_tag_head
 

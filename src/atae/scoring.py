@@ -29,10 +29,13 @@ DEFAULT_HYBRID_WEIGHT = 0.5
 CLOSENESS_ERROR = 1e-3  # the bound on float16 closeness (``closeness``): a fifth of GATE_WIDTH
 
 
-def adapter_scores(model, audio_seqs: Sequence[np.ndarray], text_seqs: Sequence[np.ndarray],
-                   *, chunk: int = 4096) -> np.ndarray:
-    """(Q, C) float32 cosine of every text with every clip, from tower sequences (text chunked)."""
+def adapter_scores(model, audio_seqs: Sequence[np.ndarray], text_seqs: Sequence[np.ndarray] | None = None,
+                   *, text_vectors: np.ndarray | None = None, chunk: int = 4096) -> np.ndarray:
+    """(Q, C) float32 cosine of every text with every clip, from tower sequences (text chunked), or from
+    the texts' unit adapter vectors (``text_vectors``) when the caller needs them too (the hybrid's gate)."""
     a = model.encode_audio(audio_seqs)
+    if text_vectors is not None:
+        return np.asarray(text_vectors, np.float32) @ a.T
     out = np.empty((len(text_seqs), len(audio_seqs)), dtype=np.float32)
     for s in range(0, len(text_seqs), chunk):
         out[s:s + chunk] = model.encode_text(text_seqs[s:s + chunk]) @ a.T
@@ -134,7 +137,7 @@ class Fusion:
 
     def weights(self, text_vectors: np.ndarray) -> np.ndarray:
         """(Q,) adapter weight of each query from its unit text-adapter embedding (Q, D)."""
-        if not self.gated:
+        if not self.gated or self.weight == 0.0:
             return np.full(len(text_vectors), self.weight)
         s = closeness(text_vectors, self.reference)
         return self.weight * np.clip((s - (self.threshold - GATE_WIDTH)) / GATE_WIDTH, 0.0, 1.0)

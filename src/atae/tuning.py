@@ -120,23 +120,25 @@ def tune_on_dataset(dataset, audio_table, text_tower, *, model=None, text_table=
         bridge_scores = br.softmax_rows(cos, temp) @ br.tag_features(tags).T
         if seqs is None:
             seqs = encode_texts(text_tower, texts)
-        adapter = scoring.adapter_scores(model, [audio_table.get(c) for c in cands], seqs)
+        text_vectors = model.encode_text(seqs)
+        audio = [audio_table.get(c) for c in cands]
+        adapter = scoring.adapter_scores(model, audio, text_vectors=text_vectors)
         w_curve = hybrid_weight_curve(adapter, bridge_scores, rel, k=k)
         out[scoring.EXTRA_HYBRID_WEIGHT] = max(w_curve, key=lambda wm: wm[1])[0]
         out["weight_curve"] = w_curve
-        gate = gate_threshold(model, seqs)
+        gate = gate_threshold(model, text_vectors)
         if gate is not None:
             out[scoring.EXTRA_HYBRID_GATE] = gate
     return out
 
 
-def gate_threshold(model, text_seqs) -> float | None:
+def gate_threshold(model, text_vectors: np.ndarray) -> float | None:
     """The hybrid's novelty gate for a model: the least closeness to its training captions among the
-    validation queries (token sequences ``text_seqs``); None for a model without a caption reference."""
+    validation queries (their unit text-adapter vectors); None for a model without a caption reference."""
     reference = getattr(model, "caption_reference", None)
-    if reference is None or not len(reference) or not len(text_seqs):
+    if reference is None or not len(reference) or not len(text_vectors):
         return None
-    return float(scoring.closeness(model.encode_text(text_seqs), reference).min())
+    return float(scoring.closeness(text_vectors, reference).min())
 
 
 def store_tuned(model, tuned: dict, out_dir, *, data: str | None = None) -> None:

@@ -63,10 +63,9 @@ def tune(run, csv_path, audio_dir, feats, scorer, audio_encoder, audio_weights, 
         if audio_encoder is None:
             raise DataError("without RUN, --audio-encoder names the tagging tower",
                             fix="e.g. --audio-encoder efficientat-mn04 --audio-weights W")
-        from atae.towers.registry import default_towers, get_audio_tower, get_text_tower
+        from atae.towers.registry import get_towers
 
-        audio_tower = get_audio_tower(audio_encoder, audio_weights)
-        text_tower = get_text_tower(text_encoder or default_towers()[1], text_weights)
+        audio_tower, text_tower = get_towers(audio_encoder, audio_weights, text_encoder, text_weights)
     require_tag_head(audio_tower)
     ds = read_caption_csv(csv_path, audio_dir)
     for p in ds.problems[:20]:

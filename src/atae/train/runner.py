@@ -149,13 +149,12 @@ def tower_weights_files(audio_tower, text_tower) -> dict[str, str]:
 
 def caption_reference(model: AlignedModel, texts, cap: int = MAX_REFERENCE) -> np.ndarray:
     """The distinct unit text-adapter embeddings of the captions the model was trained on (every stage),
-    at most ``cap`` of them (a seeded sample beyond): ``AlignedModel.caption_reference`` (float16, as it
-    is saved, so the gate tuned on it holds after a reload)."""
+    at most ``cap`` of them (a seeded sample beyond): ``AlignedModel.caption_reference``."""
     emb = np.concatenate([embed_packed(model.text_adapter, t).numpy() for t in texts])
     emb = np.unique(emb, axis=0)
     if len(emb) > cap:
         emb = emb[np.sort(np.random.default_rng(0).choice(len(emb), cap, replace=False))]
-    return emb.astype(np.float16)
+    return emb  # the model holds it in float16
 
 
 # ------------------------------------------------------------------------------ command plumbing
