@@ -15,6 +15,7 @@ paths separated by NUL bytes (``xargs -0``).
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -241,12 +242,11 @@ def _split_like(lib, like: str) -> tuple[str, float | None]:
     path, _, t = like.rpartition("@")
     try:
         seconds = float(t)
+        if not math.isfinite(seconds):
+            raise ValueError(t)
     except ValueError:
         raise QueryError(f"{t!r} after the @ is not a time in seconds", path=path,
                          fix="write --like PATH@SECONDS, e.g. --like walk.wav@12.5") from None
-    if seconds != seconds or seconds in (float("inf"), float("-inf")):
-        raise QueryError(f"{t!r} after the @ is not a time in seconds", path=path,
-                         fix="write --like PATH@SECONDS, e.g. --like walk.wav@12.5")
     return path, seconds
 
 

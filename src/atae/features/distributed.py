@@ -23,7 +23,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Sequence
@@ -191,7 +190,7 @@ def extract_audio_ray(table_or_store, tower, items: Sequence[tuple[str, str | Pa
             _ingest(table, part, report, set())
         todo, ident, report.skipped, changed = _unique_todo(items, table, audio_ident, _audio_current)
         if todo:
-            ray = start_ray(address, num_cpus=os.cpu_count())
+            ray = start_ray(address)
             ds = ray.data.from_items([{"key": k, "path": str(p) if p is not None else ""} for k, p in todo])
             ds = ds.map_batches(_decode, batch_size=batch_size, num_cpus=1,
                                 fn_kwargs={"sample_rate": tower.sample_rate, "loader": loader})

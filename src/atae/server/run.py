@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-from atae.server.app import MAX_UPLOAD_BYTES
 
-
-def make_server(library, host: str = "127.0.0.1", port: int = 8000, *,
-                max_upload_bytes: int = MAX_UPLOAD_BYTES, log=print, warn=print, **app_options):
+def make_server(library, host: str = "127.0.0.1", port: int = 8000, *, log=print, warn=print,
+                **app_options):
     """Warm ``library`` up (``atae.library.warm``: ``warn`` gets the parts that did not load) and return
     a uvicorn server for it whose start logs "ready: open URL" once the port is bound (a busy port fails
-    before that); ``app_options`` (e.g. ``allow_hosts``) go to ``create_app``."""
+    before that); ``app_options`` (e.g. ``allow_hosts``, ``max_upload_bytes``) go to ``create_app``."""
     import uvicorn
 
     from atae.library.warm import warm_up
@@ -28,7 +26,7 @@ def make_server(library, host: str = "127.0.0.1", port: int = 8000, *,
                 bound = self.servers[0].sockets[0].getsockname()[1] if self.servers else port
                 log(f"ready: open http://{shown}:{bound}/")
 
-    app = create_app(library, max_upload_bytes=max_upload_bytes, host=host, **app_options)
+    app = create_app(library, host=host, **app_options)
     return _Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
 
 
