@@ -143,10 +143,9 @@ def search(
                 max_duration=max_duration,
                 glob=glob,
                 scorer=scorer,
+                explain=explain,
             )
             untagged = lib.scorers()["untagged"] if scorer in ("bridge", "hybrid") else 0
-            if explain:
-                lib.explain(results, text=text)
         if untagged:
             echo(f"note: {untagged} segments have no AudioSet tags and are left out of {scorer} results "
                  "(indexed by an older atae?); index the folder into a new --db to include them",

@@ -69,13 +69,15 @@ class QueryMixin:
         glob: str | None = None,
         span: tuple[float, float] | None = None,
         scorer=None,
+        explain: bool = False,
     ) -> list[SearchResult]:
         """Rank the library's files for a text query or an example sound; one result per file (its best
         segment). Filters (``results.Filters``): the file's duration, a glob (fnmatch) on its name or full
         path, ``span=(a, b)``: only segments inside seconds [a, b] of their file. ``scorer``: None or
         "adapter" (alias "model": the library's vector space), "bridge" / "hybrid" (zero-shot via AudioSet
         tags, ``scorers.py``), or any object with ``score(library, text) -> (segment_ids, scores)``
-        (optionally ``top(library, text, n)``: the n best, for a fast exact top-k)."""
+        (optionally ``top(library, text, n)``: the n best, for a fast exact top-k). ``explain``: fill each
+        result's tags as ``explain`` does, with one text pass for the search and the explanation."""
         if not isinstance(k, int) or k < 1 or k > 10_000:
             raise QueryError(f"k must be an integer between 1 and 10000, not {k!r}")
         filters = Filters(min_duration, max_duration, glob, span)
@@ -87,25 +89,33 @@ class QueryMixin:
             scorer = self._resolve_scorer(scorer) if scorer is not None else None
             if text is not None:
                 text = clean_query(text)
-            if scorer is not None:
-                if text is None:
-                    raise QueryError("a scorer ranks text queries; drop --scorer for query by example")
-                if hasattr(scorer, "top"):
-                    fetch = max(4 * k, 64)
-                    while True:
-                        ids, scores = scorer.top(self, text, fetch)
-                        res = self._collect(ids, scores, k, filters)
-                        if len(res) >= k or len(ids) < fetch:
-                            return res
-                        fetch *= 4
-                ids, scores = scorer.score(self, text)
-                order = np.argsort(-np.asarray(scores), kind="stable")
-                return self._collect(np.asarray(ids)[order], np.asarray(scores)[order], k, filters)
-            if example is not None:
-                q = self._embed([example])[0]
-            else:
-                q = self.query_vector(text=text, audio=audio)
-            return self._nearest(q, k, filters)
+                if explain and scorer is None and "bridge" not in self.scorers()["unavailable"]:
+                    # the explanation reads the text's last layer: that pass, run first, also gives the
+                    # adapter its penultimate layer (the bridge and hybrid scorers already run it first)
+                    self.tag_bridge.sentences([text])
+            res = self._ranked(text, audio, example, scorer, k, filters)
+        return self.explain(res, text=text) if explain else res
+
+    def _ranked(self, text, audio, example, scorer, k: int, filters: Filters) -> list[SearchResult]:
+        if scorer is not None:
+            if text is None:
+                raise QueryError("a scorer ranks text queries; drop --scorer for query by example")
+            if hasattr(scorer, "top"):
+                fetch = max(4 * k, 64)
+                while True:
+                    ids, scores = scorer.top(self, text, fetch)
+                    res = self._collect(ids, scores, k, filters)
+                    if len(res) >= k or len(ids) < fetch:
+                        return res
+                    fetch *= 4
+            ids, scores = scorer.score(self, text)
+            order = np.argsort(-np.asarray(scores), kind="stable")
+            return self._collect(np.asarray(ids)[order], np.asarray(scores)[order], k, filters)
+        if example is not None:
+            q = self._embed([example])[0]
+        else:
+            q = self.query_vector(text=text, audio=audio)
+        return self._nearest(q, k, filters)
 
     def _nearest(self, q: np.ndarray, k: int, filters: Filters, skip_files=frozenset()) -> list[SearchResult]:
         """The k files nearest the vector ``q`` in the index (each at its best segment) that pass

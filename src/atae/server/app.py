@@ -320,10 +320,8 @@ def create_app(library, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, host: str =
             why = library.scorers()["unavailable"].get(name)
             if why is not None:
                 raise QueryError(f"the {name!r} scorer is not available for this library: {why}")
-        res = library.search(
-            q, k=_k(k), min_duration=min_duration, max_duration=max_duration, glob=glob or None, scorer=name
-        )
-        library.explain(res, text=q)
+        res = library.search(q, k=_k(k), min_duration=min_duration, max_duration=max_duration,
+                             glob=glob or None, scorer=name, explain=True)
         return {
             "query": q,
             "scorer": name or "adapter",
