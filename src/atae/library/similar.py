@@ -89,8 +89,8 @@ def similar(library, segment_ids, *, k: int = 10, min_duration: float | None = N
         index = library.index
         q = index.vectors(index.rows_of(np.asarray(ids, np.int64))).mean(axis=0)
         res = library._nearest(q, k, filters, skip_files=files)
-        tags = library.db.segment_tags(ids)
-    dist = example_distribution(np.mean(list(tags.values()), axis=0)) if tags else None
-    with library._lock:
-        attach(res, library.db.segment_tags([r.segment_id for r in res]) if res else {}, dist)
+        tags = library.db.segment_tags(ids + [r.segment_id for r in res])  # the sources' and the results'
+    sources = set(ids)
+    own = [t for i, t in tags.items() if i in sources]
+    attach(res, tags, example_distribution(np.mean(own, axis=0)) if own else None)
     return res
