@@ -58,7 +58,9 @@ def model(run: str | Path) -> dict:
         except AtaeError as e:
             t.update(found=False, problem=str(e))
         info["towers"][kind] = t
-    tags = m.audio_info.name == "cnn14" or m.audio_info.name.startswith("efficientat-")
+    from atae.towers.registry import has_tag_head
+
+    tags = has_tag_head(m.audio_info.name)
     info["enables"] = ["adapter (trained model)"] + (["hybrid (model + tags)"] if tags else [])
     return info
 

@@ -49,6 +49,11 @@ def get_audio_tower(name: str, weights=None, **opts):
     return _load(AUDIO_TOWERS[name])(weights, **kwargs)
 
 
+def has_tag_head(name: str) -> bool:
+    """Whether the registered audio tower ``name`` has an AudioSet head (no weights are loaded)."""
+    return name in AUDIO_TOWERS and bool(_load(AUDIO_TOWERS[name]).has_tags)
+
+
 def get_text_tower(name: str, weights=None, **opts):
     """Build the text tower ``name``; a name that is an existing directory is a local HF model folder."""
     if name in TEXT_TOWERS:
