@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from atae.errors import QueryError
-from atae.library.results import Filters, SearchResult
+from atae.library.results import Filters, SearchResult, check_k
 from atae.query import clean_query
 
 # Query by example uses the first EXAMPLE_MAX_S seconds of the sound: a few seconds describe a sound, and
@@ -78,8 +78,7 @@ class QueryMixin:
         tags, ``scorers.py``), or any object with ``score(library, text) -> (segment_ids, scores)``
         (optionally ``top(library, text, n)``: the n best, for a fast exact top-k). ``explain``: fill each
         result's tags as ``explain`` does, with one text pass for the search and the explanation."""
-        if not isinstance(k, int) or k < 1 or k > 10_000:
-            raise QueryError(f"k must be an integer between 1 and 10000, not {k!r}")
+        check_k(k)
         filters = Filters(min_duration, max_duration, glob, span)
         example = None
         if audio is not None and text is None and scorer is None:

@@ -29,6 +29,12 @@ class SearchResult:
         return d
 
 
+def check_k(k) -> None:
+    """A search asks for 1 to 10000 results."""
+    if not isinstance(k, int) or k < 1 or k > 10_000:
+        raise QueryError(f"k must be an integer between 1 and 10000, not {k!r}")
+
+
 @dataclass(frozen=True)
 class Filters:
     """Conditions on a result: its file's duration (seconds), a glob (fnmatch) on the file name or full

@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from atae.errors import QueryError
-from atae.library.results import Filters
+from atae.library.results import Filters, check_k
 
 
 class UnknownSegment(QueryError):
@@ -77,8 +77,7 @@ def similar(library, segment_ids, *, k: int = 10, min_duration: float | None = N
     best first, each with its tags explained by what the segments share; filters as ``Library.search``."""
     from atae.library.explain import attach, example_distribution
 
-    if not isinstance(k, int) or k < 1 or k > 10_000:
-        raise QueryError(f"k must be an integer between 1 and 10000, not {k!r}")
+    check_k(k)
     filters = Filters(min_duration, max_duration, glob, span)
     ids = [int(s) for s in segment_ids]
     if not ids:
