@@ -83,9 +83,9 @@ class IdentityModel:
 
     version = "identity-v1"
 
-    def __init__(self):
+    def __init__(self, text_tower=None):  # the text tower it was "trained" with (default WordTower)
         self.audio_info = BandTower().info
-        self.text_info = WordTower().info
+        self.text_info = (text_tower or WordTower()).info
 
     @staticmethod
     def _unit_means(seqs) -> np.ndarray:

@@ -110,3 +110,49 @@ def test_zero_shot_bridge_on_esc50(tmp_path, shared):
     for query, cat in (("a dog barking", "dog"), ("church bells ringing", "church_bells")):
         top = lib.search(query, scorer="bridge", k=1)[0]
         assert top.path.rsplit("/", 1)[-1] in picked[cat], (query, top.path)
+
+
+def test_a_reopened_library_rebuilds_the_text_tower_the_model_was_trained_with(tmp_path, towers):
+    """A model trained on MiniLM's last layer (not the default penultimate one): a library that builds its
+    own text tower must build that one, or every query is scored in the wrong space."""
+    from atae.model import AlignedModel
+    from atae.towers.registry import get_text_tower
+
+    audio_tower, _ = towers
+    last = get_text_tower("minilm", layer=-1)
+    torch.manual_seed(0)
+    model = AlignedModel(audio_tower.info, last.info)
+    model.save(tmp_path / "run")
+    d = tmp_path / "s"
+    write_tone(d / "tone.wav", 440.0, seconds=3.0, sr=22050)
+    lib = Library.open(tmp_path / "lib", create=True, audio_tower=audio_tower, text_tower=last,
+                       model=tmp_path / "run")
+    assert lib.add([d]).new == 1
+    lib.close()
+    lib = Library.open(tmp_path / "lib")  # no towers given: the library rebuilds them from the records
+    try:
+        (hit,) = lib.search("a high beep", k=1)
+    finally:
+        lib.close()
+    (q,) = model.encode_text(last.encode(["a high beep"]))
+    from atae.audio import load_audio
+
+    (v,) = model.encode_audio([audio_tower.encode(load_audio(d / "tone.wav", audio_tower.sample_rate)).seq])
+    assert hit.score == pytest.approx(float(q @ v), abs=1e-4)
+
+
+def test_a_library_refuses_a_text_tower_with_other_options_than_the_model(tmp_path, towers):
+    from atae.errors import AtaeError
+    from atae.model import AlignedModel
+    from atae.towers.registry import get_text_tower
+
+    audio_tower, text_tower = towers  # minilm, penultimate layer
+    model = AlignedModel(audio_tower.info, get_text_tower("minilm", layer=-1).info)
+    model.save(tmp_path / "run")
+    lib = Library.open(tmp_path / "lib", create=True, audio_tower=audio_tower, text_tower=text_tower,
+                       model=tmp_path / "run")
+    try:
+        with pytest.raises(AtaeError, match="text tower"):
+            lib.search("a high beep", k=1)
+    finally:
+        lib.close()

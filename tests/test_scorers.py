@@ -68,6 +68,7 @@ def fake_towers(monkeypatch):
 
     monkeypatch.setattr(registry, "get_audio_tower", audio)
     monkeypatch.setattr(registry, "get_text_tower", text)
+    monkeypatch.setitem(registry.TEXT_TOWERS, "words", "library_fakes:WordTower")  # a registered name
 
 
 @pytest.fixture

@@ -32,6 +32,7 @@ def fake_towers(monkeypatch):
         "get_text_tower",
         lambda name, weights=None, **kw: WordTower() if name == "words" else real_t(name, weights, **kw),
     )
+    monkeypatch.setitem(registry.TEXT_TOWERS, "words", "library_fakes:WordTower")  # a registered name
 
 
 @pytest.fixture

@@ -67,7 +67,7 @@ def server(tmp_path):
     write_tone(d / "field" / "recording.wav", None, seconds=60.0, sr=16000, event=(41.0, 3.0, FREQS["high"]))
     lib = Library.open(
         tmp_path / "lib", create=True, audio_tower=BandTower(), text_tower=LabelWordTower(),
-        model=IdentityModel()
+        model=IdentityModel(LabelWordTower())
     )
     lib.add([d])
     url, stop = _serve(lib)

@@ -25,7 +25,7 @@ def lib(tmp_path):
         write_tone(d / f"{name}.wav", f, seconds=2.0)
     write_tone(d / "again" / "mid.wav", FREQS["mid"], seconds=3.0, seed=5)
     lib = Library.open(tmp_path / "lib", create=True, audio_tower=BandTower(), text_tower=LabelWordTower(),
-                       model=IdentityModel())
+                       model=IdentityModel(LabelWordTower()))
     lib.add([d])
     yield lib
     lib.close()

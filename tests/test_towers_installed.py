@@ -166,3 +166,32 @@ def test_best_tower_is_mn04_once_fetched(shared, home, tmp_path, monkeypatch):
 
     with Library.open(tmp_path / "lib") as lib:
         assert lib.stats()["audio_tower"] == "efficientat-mn04" and "bridge" in lib.scorers()["available"]
+
+
+def test_a_text_tower_is_rebuilt_with_its_layer_and_from_its_local_folder(tmp_path):
+    """What a model records of its text tower is what comes back: the layer it read, and a local model
+    folder (not a registry name) from where the model last saw it; a folder that is gone is a clear error."""
+    from atae import weights as W
+    from atae.errors import ModelError
+    from atae.towers.trained_with import text_tower_for
+
+    try:
+        folder = W.resolve("minilm")
+    except WeightsError as exc:
+        pytest.skip(f"minilm is not installed: {exc}")
+    last = registry.get_text_tower("minilm", layer=-1)
+    again = text_tower_for(last.info)
+    assert again.info.key() == last.info.key() and again.layer == -1
+
+    local = tmp_path / "my-minilm"
+    shutil.copytree(folder, local)
+    own = registry.get_text_tower(str(local), layer=-1)
+    assert own.info.name not in registry.TEXT_TOWERS
+    again = text_tower_for(own.info, remembered=local)
+    assert again.info.key() == own.info.key()
+    assert again.encode(["a dog barks"])[0].tolist() == own.encode(["a dog barks"])[0].tolist()
+    with pytest.raises(ModelError, match="--text-weights"):
+        text_tower_for(own.info)
+    shutil.rmtree(local)
+    with pytest.raises(ModelError, match=f"last seen at {local}"):
+        text_tower_for(own.info, remembered=local)

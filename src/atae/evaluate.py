@@ -193,25 +193,15 @@ def towers_for_model(model: AlignedModel, *, audio_weights=None, text_weights=No
     """Rebuild the towers named in a model's config on ``device`` and check they produce the same numbers
     the model was trained on. Weights: the explicit path, else the file the model remembers, else the
     registry's places, each checked by SHA-256 (``atae.towers.trained_with``)."""
-    from atae.towers.registry import TEXT_TOWERS, get_audio_tower, get_text_tower
-    from atae.towers.trained_with import weights_for
+    from atae.towers.trained_with import audio_tower_for, text_tower_for
 
-    ai, ti = model.audio_info, model.text_info
     files = model.weights_files
-    a_opts = {k: ai.options[k] for k in ("window_s", "hop_s") if k in ai.options}
-    audio = get_audio_tower(ai.name, weights_for(ai, explicit=audio_weights, remembered=files.get("audio")),
-                            device=device, **a_opts)
+    audio = audio_tower_for(model.audio_info, explicit=audio_weights, remembered=files.get("audio"),
+                            device=device)
     text = None
     if need_text:
-        t_opts = {k: ti.options[k] for k in ("layer", "max_length") if k in ti.options}
-        if ti.name in TEXT_TOWERS:
-            found = weights_for(ti, explicit=text_weights, remembered=files.get("text"))
-            text = get_text_tower(ti.name, found, device=device, **t_opts)
-        elif text_weights is not None:
-            text = get_text_tower(str(text_weights), device=device, **t_opts)
-        else:
-            raise ModelError(f"the model's text encoder {ti.name!r} is a local model folder",
-                             fix="pass --text-weights DIR (the folder it was trained with)")
+        text = text_tower_for(model.text_info, explicit=text_weights, remembered=files.get("text"),
+                              device=device)
     check_towers(model, audio.info, text.info if text is not None else None)
     return audio, text
 

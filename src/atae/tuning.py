@@ -155,16 +155,6 @@ def store_tuned(model, tuned: dict, out_dir, *, data: str | None = None) -> None
     model.save(Path(out_dir))
 
 
-def _text_tower_for(text_info):
-    from atae.towers.registry import TEXT_TOWERS, get_text_tower
-
-    if text_info.name not in TEXT_TOWERS:
-        raise DataError(f"text tower {text_info.name!r} is a local folder: cannot rebuild it here",
-                        fix="run `atae tune RUN --csv C --audio-dir D --text-weights DIR`")
-    opts = {k: text_info.options[k] for k in ("layer", "max_length") if k in text_info.options}
-    return get_text_tower(text_info.name, **opts)
-
-
 def tune_after_training(model, val_src, out_dir, *, text_tower=None) -> dict:
     """The post-training hook of ``run_recipe``: tune and store when the validation clips have tags.
 
@@ -176,7 +166,9 @@ def tune_after_training(model, val_src, out_dir, *, text_tower=None) -> dict:
         return {"skipped": "the audio tower has no AudioSet head"}
     try:
         if text_tower is None:
-            text_tower = _text_tower_for(model.text_info)
+            from atae.towers.trained_with import text_tower_for
+
+            text_tower = text_tower_for(model.text_info, remembered=model.weights_files.get("text"))
         tuned = tune_on_dataset(dataset, audio_table, text_tower, model=model, text_table=text_table,
                                 temperature=False)
     except Exception as e:  # noqa: BLE001 - tuning is an extra; the trained model is already saved

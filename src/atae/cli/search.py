@@ -178,17 +178,14 @@ def dataset_search(
 
     from atae.bridge import require_tag_head
     from atae.data import read_caption_csv
-    from atae.evaluate import scores_for
+    from atae.evaluate import scores_for, towers_for_model
     from atae.features import FeatureStore, extract_audio
     from atae.model import AlignedModel
     from atae.query import clean_query
-    from atae.towers.registry import get_audio_tower, get_text_tower
-    from atae.towers.trained_with import weights_for
 
     text = clean_query(text)
     model = AlignedModel.load(run)
-    found = weights_for(model.audio_info, remembered=model.weights_files.get("audio"))
-    audio_tower = get_audio_tower(model.audio_info.name, found)
+    audio_tower, text_tower = towers_for_model(model)
     if scorer in ("bridge", "hybrid"):
         require_tag_head(audio_tower)
     dataset = read_caption_csv(csv_path, audio_dir)
@@ -203,7 +200,6 @@ def dataset_search(
     clips = [c for c in dataset.clips if c.key in table]
     if not clips:
         return []
-    text_tower = get_text_tower(model.text_info.name)
     scores = scores_for(scorer, candidates=[c.key for c in clips], texts=[text], audio_table=table,
                         model=model, text_tower=text_tower, audio_tower=audio_tower)[0]
     order = np.argsort(-scores, kind="stable")[:k]

@@ -58,7 +58,10 @@ def _object_version(model) -> str:
 
 
 def _same_tower(a, b) -> bool:
-    return a.name == b.name and a.dim == b.dim and a.weights_sha256 == b.weights_sha256
+    """Same name, size, weights and every option both record (older records may lack newer options)."""
+    shared = (a.options or {}).keys() & (b.options or {}).keys()
+    return (a.name == b.name and a.dim == b.dim and a.weights_sha256 == b.weights_sha256
+            and all(a.options[k] == b.options[k] for k in shared))
 
 
 _OWN_FILES = {"library.sqlite", "library.sqlite-wal", "library.sqlite-shm", "lock", "cache"}
@@ -199,15 +202,16 @@ class Library(VectorSpaceMixin, QueryMixin):
                        store) -> None:
         if self._audio_tower is None:
             from atae.towers.registry import best_audio_tower, get_audio_tower
+            from atae.towers.trained_with import audio_tower_for
 
             name = audio_encoder or (model.audio_info.name if model is not None else None)
             if model is not None and name == model.audio_info.name:
-                from atae.towers.trained_with import weights_for
-
-                remembered = (getattr(model, "weights_files", None) or {}).get("audio")
-                audio_weights = weights_for(model.audio_info, explicit=audio_weights, remembered=remembered)
-            self._audio_tower = get_audio_tower(name or best_audio_tower(), weights=audio_weights,
-                                                device=self.device)
+                self._audio_tower = audio_tower_for(model.audio_info, explicit=audio_weights,
+                                                    remembered=model.weights_files.get("audio"),
+                                                    device=self.device)
+            else:
+                self._audio_tower = get_audio_tower(name or best_audio_tower(), weights=audio_weights,
+                                                    device=self.device)
             audio_weights = getattr(self._audio_tower, "weights_path", None) or audio_weights
         info = self._audio_tower.info
         settings = {
@@ -271,12 +275,11 @@ class Library(VectorSpaceMixin, QueryMixin):
     @property
     def audio_tower(self):
         if self._audio_tower is None:
-            from atae.towers.registry import get_audio_tower
-            from atae.towers.trained_with import weights_for
+            from atae.towers.trained_with import audio_tower_for
 
-            info = self.stored_tower_info
-            found = weights_for(info, remembered=self.db.get_meta("audio_weights") or None)
-            self._audio_tower = get_audio_tower(info.name, weights=found, device=self.device)
+            self._audio_tower = audio_tower_for(self.stored_tower_info,
+                                                remembered=self.db.get_meta("audio_weights") or None,
+                                                device=self.device)
         if not _same_tower(self._audio_tower.info, self.stored_tower_info):
             raise LibraryError(
                 f"the audio tower {self._audio_tower.info.name} "
@@ -345,21 +348,21 @@ class Library(VectorSpaceMixin, QueryMixin):
 
     @property
     def text_tower(self):
+        m = self.model
         if self._text_tower is None:
-            m = self.model
             if m is None:
                 return None
-            from atae.towers.registry import get_text_tower
-            from atae.towers.trained_with import weights_for
+            from atae.towers.trained_with import text_tower_for
 
-            found = weights_for(m.text_info, remembered=(getattr(m, "weights_files", None) or {}).get("text"))
-            self._text_tower = get_text_tower(m.text_info.name, found, device=self.device)
-            if not _same_tower(self._text_tower.info, m.text_info):
-                raise ModelError(
-                    f"the text tower {m.text_info.name} found here is not the one the model was trained with",
-                    path=self.model_dir,
-                    fix="install the model's text weights",
-                )
+            self._text_tower = text_tower_for(m.text_info, remembered=m.weights_files.get("text"),
+                                              device=self.device)
+        if m is not None and not _same_tower(self._text_tower.info, m.text_info):
+            raise ModelError(
+                f"the text tower {self._text_tower.info.name} ({self._text_tower.info.key()}) is not the one "
+                f"the model was trained with ({m.text_info.key()})",
+                path=self.model_dir,
+                fix="install the model's text weights, or open the library without a text tower",
+            )
         return self._text_tower
 
     @contextlib.contextmanager

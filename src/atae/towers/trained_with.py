@@ -13,7 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from atae import weights as W
-from atae.errors import WeightsError
+from atae.errors import ModelError, WeightsError
+
+# the options a TowerInfo records that are constructor arguments: a tower is rebuilt with them
+AUDIO_OPTIONS = ("window_s", "hop_s", "embedding")
+TEXT_OPTIONS = ("layer", "max_length")
 
 
 def _candidates(name: str, remembered) -> list[Path]:
@@ -70,3 +74,32 @@ def weights_for(info, *, explicit=None, remembered=None) -> Path | None:
         fix=(f"run `atae weights fetch {info.name}`" if fetchable else "restore the original file")
         + " or pass it with --audio-weights/--text-weights",
     )
+
+
+def _options(info, names) -> dict:
+    return {k: info.options[k] for k in names if k in (info.options or {})}
+
+
+def audio_tower_for(info, *, explicit=None, remembered=None, device: str = "cpu"):
+    """The audio tower ``info`` describes: its weights found by ``weights_for``, its recorded options."""
+    from atae.towers.registry import get_audio_tower
+
+    found = weights_for(info, explicit=explicit, remembered=remembered)
+    return get_audio_tower(info.name, found, device=device, **_options(info, AUDIO_OPTIONS))
+
+
+def text_tower_for(info, *, explicit=None, remembered=None, device: str = "cpu"):
+    """The text tower ``info`` describes (as ``audio_tower_for``); a local model folder is taken from
+    ``explicit``, else from the folder the model remembers."""
+    from atae.towers.registry import TEXT_TOWERS, get_text_tower
+
+    opts = _options(info, TEXT_OPTIONS)
+    if info.name in TEXT_TOWERS:
+        found = weights_for(info, explicit=explicit, remembered=remembered)
+        return get_text_tower(info.name, found, device=device, **opts)
+    folder = explicit if explicit is not None else remembered
+    if folder is None or not Path(folder).expanduser().is_dir():
+        raise ModelError(f"the model's text encoder {info.name!r} is a local model folder"
+                         + (f", last seen at {folder}" if folder is not None else ""),
+                         fix="pass --text-weights DIR (the folder it was trained with)")
+    return get_text_tower(str(folder), device=device, **opts)
