@@ -169,3 +169,32 @@ def test_a_reader_of_a_lance_library_sees_new_rows_and_never_writes_them_again(t
     assert sorted(ids) == list(writer.db.segment_ids())  # each segment once
     reader.close()
     writer.close()
+
+
+def test_a_reader_while_the_indexer_rebuilds_the_table(tmp_path, sounds):
+    """`atae index` rebuilding a Lance table (its folder gone, the writer lock held) under a reader: what
+    needs the vectors says so in one line (the page answers 503), the tags still search, and once the
+    indexer is done the reader answers as before."""
+    from atae.library.lock import WriterLock
+
+    writer = _open(tmp_path / "lib", "lance")
+    writer.add([sounds / "short"])
+    writer.close()
+    reader = Library.open(tmp_path / "lib", text_tower=WordTower(), model=IdentityModel())
+    before = {s: reader.search("high", k=3, scorer=s) for s in ("adapter", "bridge")}
+    ids = reader.segments_at(before["adapter"][0].path)
+    lock = WriterLock(tmp_path / "lib")
+    assert lock.acquire()  # an indexer runs ...
+    for table in (tmp_path / "lib").glob("vectors-*.lance"):
+        shutil.rmtree(table)  # ... and has not written the new table yet
+    with reader.db.transaction():
+        reader.db.set_meta("touched", "1")  # a new generation: the reader looks again
+    for run in (lambda: reader.search("high", k=3, scorer="adapter"),
+                lambda: reader.search("high", k=3, scorer="hybrid"),
+                lambda: reader.similar(ids, k=2)):
+        with pytest.raises(LibraryError, match="being rebuilt by `atae index`"):
+            run()
+    _same(reader.search("high", k=3, scorer="bridge"), before["bridge"])
+    lock.release()
+    _same(reader.search("high", k=3, scorer="adapter"), before["adapter"])
+    reader.close()

@@ -119,12 +119,13 @@ class QueryMixin:
     def _nearest(self, q: np.ndarray, k: int, filters: Filters, skip_files=frozenset()) -> list[SearchResult]:
         """The k files nearest the vector ``q`` in the index (each at its best segment) that pass
         ``filters``, leaving out ``skip_files``: more hits are fetched until k are found or none are left."""
-        n = self.index.ntotal if self.index is not None else 0
+        index = self.readable_index()
+        n = index.ntotal
         if n == 0:
             return []
         fetch, where = max(4 * k, 64), filters.to_sql()
         while True:
-            scores, ids = self.index.search(q, fetch, where=where)
+            scores, ids = index.search(q, fetch, where=where)
             res = self._collect(ids, scores, k, filters, skip_files)
             # fewer hits than asked for: none are left (a store that filters in the search has found
             # every match), so a wider search would return the same
@@ -201,12 +202,13 @@ class QueryMixin:
 
         with self._lock:
             self._refresh()
-            key = (self.db.generation(), self.model_version, id(self.index), self.index.ntotal)
+            n = self.index.ntotal if self.index is not None else None  # None: a Lance table being rebuilt
+            key = (self.db.generation(), self.model_version, id(self.index), n)
             if self._state is None or self._state[0] != key:
                 ids, tags = self.db.tags_matrix()
                 if tags is None:
                     tags = np.zeros((0, 527), np.float32)
-                vi = self.index if self.model_version and len(ids) else None
+                vi = self.index if self.model_version and len(ids) and n is not None else None
                 self._state = (key, SearchState(ids, tags, vi, vi.rows_of(ids) if vi is not None else None))
             return self._state[1]
 

@@ -128,7 +128,10 @@ class HybridScorer(BridgeScorer):
         sentences = tb.sentences([text])  # first: its text pass also fills the adapter tower's cache
         q = library.query_vector(text=text)
         weight = scoring.Fusion.of(model).weights(q[None])[0]
-        return library.search_state(), q, tb.distribution(sentences)[0], weight
+        st = library.search_state()
+        if st.index is None and len(st):  # the bridge reads tags alone; the model's side needs the vectors
+            library.readable_index()
+        return st, q, tb.distribution(sentences)[0], weight
 
     def score(self, library, text: str):
         """Every tagged segment's hybrid score (dense: ``atae.scoring.hybrid_scores`` over all of them)."""

@@ -85,7 +85,7 @@ def similar(library, segment_ids, *, k: int = 10, min_duration: float | None = N
     with library._lock:
         library._refresh()
         files = {r[0] for r in _rows(library, ids).values()}
-        index = library.index
+        index = library.readable_index()
         q = index.vectors(index.rows_of(np.asarray(ids, np.int64))).mean(axis=0)
         res = library._nearest(q, k, filters, skip_files=files)
         tags = library.db.segment_tags(ids + [r.segment_id for r in res])  # the sources' and the results'

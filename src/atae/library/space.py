@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from atae.errors import AtaeError
+from atae.errors import AtaeError, LibraryError
 from atae.library.vectors import HNSW_THRESHOLD, TOMBSTONE_REBUILD_FRACTION, VectorIndex, choose_kind
 
 
@@ -30,6 +30,15 @@ class VectorSpaceMixin:
     @property
     def index_path(self) -> Path:
         return self.root / f"vectors-{self.space}.{self.store}"
+
+    def readable_index(self):
+        """The vector index; a clear error while ``atae index`` rebuilds a Lance table (a reader finds none
+        to read until the indexer has written it)."""
+        if self.index is None:
+            raise LibraryError(
+                "this library's vectors are being rebuilt by `atae index` and cannot be read yet",
+                path=self.index_path, fix="search again when the index run has finished")
+        return self.index
 
     def _load_index(self):
         if self.store == "lance":
