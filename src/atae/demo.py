@@ -27,6 +27,13 @@ class DemoResult:
     seconds: float
 
 
+def layout(out_dir: str | Path) -> dict[str, Path]:
+    """Where the demo writes: the corpus (its audio), the features, the trained run and the library."""
+    out = Path(out_dir)
+    return {"corpus": out / "corpus", "audio": out / "corpus" / "audio", "features": out / "features",
+            "run": out / "run", "library": out / "library"}
+
+
 def run_demo(out_dir: str | Path, *, seed: int = 0, audio_encoder: str = "aisfx",
              text_encoder: str = "minilm", max_epochs: int = 100, clips_per_concept: int = 12,
              progress: bool = True, log=print) -> DemoResult:
@@ -39,13 +46,13 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, audio_encoder: str = "aisfx"
     from atae.train.runner import tower_weights_files
 
     t0 = time.perf_counter()
-    out = Path(out_dir)
+    out, where = Path(out_dir), layout(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     np.random.seed(seed)
 
-    log(f"[1/5] synthesising the demo corpus (seed {seed}) in {out / 'corpus'}")
-    corpus = make_demo_corpus(out / "corpus", seed=seed, clips_per_concept=clips_per_concept)
+    log(f"[1/5] synthesising the demo corpus (seed {seed}) in {where['corpus']}")
+    corpus = make_demo_corpus(where["corpus"], seed=seed, clips_per_concept=clips_per_concept)
     splits = {name: read_caption_csv(corpus[name], corpus["audio_dir"]) for name in ("train", "val", "test")}
     for name, ds in splits.items():
         log(f"      {name}: {len(ds.clips)} clips, {sum(len(c.captions) for c in ds.clips)} captions")
@@ -53,7 +60,7 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, audio_encoder: str = "aisfx"
     log(f"[2/5] towers: audio={audio_encoder} text={text_encoder} (frozen); extracting features once")
     audio_tower = get_audio_tower(audio_encoder)
     text_tower = get_text_tower(text_encoder)
-    feats = out / "features"
+    feats = where["features"]
     # one store for all splits: the tables returned last hold every split's keys
     for name, ds in splits.items():
         audio_table, text_table, report = ensure_dataset_features(
@@ -63,7 +70,7 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, audio_encoder: str = "aisfx"
 
     log("[3/5] training the ATAE recipe (seed loss, Adam 1e-3, batch 32, early stopping on val mAP@10)")
     recipe = load_recipe("atae")
-    run_dir = out / "run"
+    run_dir = where["run"]
     run = run_recipe(
         recipe,
         clean_train=splits["train"],
@@ -115,8 +122,8 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, audio_encoder: str = "aisfx"
 
 def next_steps(out_dir: str | Path) -> list[str]:
     """What to type next: index a folder with the demo's model and search it in the web page."""
-    out = Path(out_dir)
-    audio, lib, run = out / "corpus" / "audio", out / "library", out / "run"
+    where = layout(out_dir)
+    audio, lib, run = where["audio"], where["library"], where["run"]
     return [
         "",
         "Search these sounds in your browser (or put your own folder in place of the corpus):",
@@ -131,7 +138,7 @@ def demo_library(out_dir: str | Path, *, progress: bool = False):
     call only opens it). Returns the open ``Library``."""
     from atae.library import Library
 
-    out = Path(out_dir)
-    lib = Library.open(out / "library", create=True, model=out / "run")
-    lib.add([out / "corpus" / "audio"], progress=progress)
+    where = layout(out_dir)
+    lib = Library.open(where["library"], create=True, model=where["run"])
+    lib.add([where["audio"]], progress=progress)
     return lib
