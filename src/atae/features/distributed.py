@@ -6,10 +6,10 @@ The pipeline (Ray Data), for the items the store does not hold yet:
 1. a CPU stage decodes and resamples each file (Ray tasks; an unreadable file becomes a reported failure);
 2. the tower runs as a pool of stateful actors (``map_batches`` with a callable class and an
    ``ActorPoolStrategy`` of ``concurrency`` actors, ``num_cpus``/``num_gpus`` each): each actor receives
-   the tower once and encodes batches (Ray fuses the decode stage into the same actors);
-3. every output batch is written by a worker as a *part* in ``<table>/ray-work/``, its commit marker
-   written last, so a part without a marker (a worker that died mid-write) is never read;
-4. the driver ingests each committed part into the feature store as it arrives (the store's only
+   the tower once, encodes batches (Ray fuses the decode stage into the same actors) and writes each
+   batch's results itself as a *part* in ``<table>/ray-work/``, its commit marker written last, so a part
+   without a marker (a worker that died mid-write) is never read; only the part's name goes back;
+3. the driver ingests each committed part into the feature store as it arrives (the store's only
    writer) and deletes it afterwards.
 
 A rerun after a killed driver or a lost worker first ingests the parts already committed, then computes
@@ -83,10 +83,10 @@ def _decode(batch: dict, sample_rate: int, loader) -> dict:
 
 
 class _Encode:
-    """A Ray actor holding one tower; encodes the decoded waves of each batch."""
+    """A Ray actor holding one tower; encodes the decoded waves of each batch into a part in ``work``."""
 
-    def __init__(self, tower, dim: int):
-        self.tower, self.dim = tower, dim
+    def __init__(self, tower, dim: int, work: str):
+        self.tower, self.dim, self.work = tower, dim, work
 
     def __call__(self, batch: dict) -> dict:
         ok = [i for i, e in enumerate(batch["error"]) if not e]
@@ -101,8 +101,8 @@ class _Encode:
             seq[i], times[i] = np.asarray(enc.seq, np.float32), np.asarray(enc.times, np.float64)
             if enc.tags is not None:
                 tags[i] = np.asarray(enc.tags, np.float32)
-        return {"key": batch["key"], "path": batch["path"], "ident": batch["ident"], "seq": seq,
-                "times": times, "tags": tags, "error": error}
+        return _write_part({"key": batch["key"], "path": batch["path"], "ident": batch["ident"], "seq": seq,
+                            "times": times, "tags": tags, "error": error}, self.work)
 
 
 def _write_part(batch: dict, work: str) -> dict:
@@ -196,8 +196,7 @@ def extract_audio_ray(table_or_store, tower, items: Sequence[tuple[str, str | Pa
                                 fn_kwargs={"sample_rate": tower.sample_rate, "loader": loader})
             ds = ds.map_batches(_Encode, batch_size=batch_size, num_cpus=num_cpus,
                                 compute=ray.data.ActorPoolStrategy(size=concurrency),
-                                num_gpus=num_gpus, fn_constructor_args=(tower, table.info.dim))
-            ds = ds.map_batches(_write_part, batch_size=None, num_cpus=0.5, fn_kwargs={"work": str(work)})
+                                num_gpus=num_gpus, fn_constructor_args=(tower, table.info.dim, str(work)))
             for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
                 for part in batch["part"]:
                     _ingest(table, Path(str(part)), report, changed)

@@ -5,8 +5,8 @@ extra: ``pip install "atae[distributed]"``.
 
 Pipeline (Ray Data): the files → the tower as a pool of stateful actors (``map_batches`` with a callable
 class; each actor holds the library's tower and windowing and runs ``indexer.encode_file``: it decodes in
-pages and encodes each window) → each batch's results written by the worker as a *part* in
-``LIB/ray-work/``, its commit marker last → the indexer ingests parts as they arrive.
+pages and encodes each window, then writes the batch's results as a *part* in ``LIB/ray-work/``, its
+commit marker last) → the indexer ingests parts as they arrive.
 
 A rerun after a killed driver or a lost worker reuses the committed parts of files whose size and mtime
 are unchanged, instead of encoding them again; parts are deleted once the run has committed everything.
@@ -26,23 +26,26 @@ from atae.library.db import SegmentIn
 
 
 class _EncodeFiles:
-    """A Ray actor: one tower and the library's windowing; encodes whole files (``encode_file``)."""
+    """A Ray actor: one tower and the library's windowing; encodes whole files (``encode_file``) and writes
+    each batch as a part in ``work``."""
 
-    def __init__(self, tower, long_s: float, window_s: float, hop_s: float):
+    def __init__(self, tower, long_s: float, window_s: float, hop_s: float, work: str):
         from types import SimpleNamespace
 
         self.lib = SimpleNamespace(audio_tower=tower, long_s=long_s, window_s=window_s, hop_s=hop_s)
+        self.work = work
 
     def __call__(self, batch: dict) -> dict:
         from atae.library.indexer import encode_one
 
         out = [encode_one(self.lib, str(p)) for p in batch["path"]]
-        return {"path": batch["path"], "size": batch["size"], "mtime_ns": batch["mtime_ns"],
+        return _write_part({
+                "path": batch["path"], "size": batch["size"], "mtime_ns": batch["mtime_ns"],
                 "result": [json.dumps(_pack_meta(r)) for r in out],
                 "raw": [np.concatenate([s.raw for s in r[3]]) if r[3] else np.zeros((0, 0), np.float32)
                         for r in out],
                 "tags": [np.stack([s.tags for s in r[3]]) if r[3] and r[3][0].tags is not None
-                         else np.zeros((0, 0), np.float32) for r in out]}
+                         else np.zeros((0, 0), np.float32) for r in out]}, self.work)
 
 
 def _pack_meta(r) -> dict:
@@ -89,17 +92,12 @@ class RayEncoder:
     def __call__(self, lib, todo):
         work = Path(lib.root) / WORK_DIR
         work.mkdir(exist_ok=True)
-        done: dict = {}
-        for part in committed_parts(work):  # a killed run's finished parts
-            done.update(_read_part(part))
-        rest = []
-        for item in todo:
-            f = item[0]
-            hit = done.get((f.path, f.size, f.mtime_ns))
-            if hit is not None:
-                yield item, hit
-            else:
-                rest.append(item)
+        wanted = {(it[0].path, it[0].size, it[0].mtime_ns): it for it in todo}
+        for part in committed_parts(work):  # a killed run's finished parts, read one at a time
+            for f, result in _read_part(part).items():
+                if f in wanted:
+                    yield wanted.pop(f), result
+        rest = list(wanted.values())
         if rest:
             by_path = {it[0].path: it for it in rest}
             ray = start_ray(self.address)
@@ -108,8 +106,8 @@ class RayEncoder:
             ds = ds.map_batches(_EncodeFiles, batch_size=self.batch_files,
                                 compute=ray.data.ActorPoolStrategy(size=self.workers),
                                 num_cpus=self.num_cpus, num_gpus=self.num_gpus,
-                                fn_constructor_args=(lib.audio_tower, lib.long_s, lib.window_s, lib.hop_s))
-            ds = ds.map_batches(_write_part, batch_size=None, num_cpus=0.5, fn_kwargs={"work": str(work)})
+                                fn_constructor_args=(lib.audio_tower, lib.long_s, lib.window_s, lib.hop_s,
+                                                     str(work)))
             for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
                 for part in batch["part"]:
                     for (path, _, _), result in _read_part(Path(str(part))).items():
