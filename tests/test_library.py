@@ -358,3 +358,35 @@ def test_span_filter_keeps_segments_inside_the_given_seconds(tmp_path):
         with pytest.raises(QueryError, match="span"):
             lib.search("high", span=bad)
     lib.close()
+
+
+class _WindowedBands(BandTower):
+    """BandTower recording a window option, as the real towers do."""
+
+    @property
+    def info(self):
+        from atae.towers.base import TowerInfo
+
+        return TowerInfo("bands", "audio", 16, "fake-sha", 8000, {"window_s": None})
+
+
+def test_a_model_of_other_features_is_refused(tmp_path, sounds):
+    """A model trained on another tower's features, or on the same tower cut another way, would rank
+    junk: the library refuses it and names both feature kinds."""
+    from dataclasses import replace
+
+    from atae.errors import ModelError
+
+    lib = Library.open(tmp_path / "lib", create=True, audio_tower=_WindowedBands())
+    lib.add([sounds])
+    stored = lib.stored_tower_info
+    for other in (replace(stored, weights_sha256="other-sha"), replace(stored, options={"window_s": 1.0})):
+        model = IdentityModel()
+        model.audio_info = other
+        with pytest.raises(ModelError, match="trained on bands features") as e:
+            lib.set_model(model)
+        assert other.key() in str(e.value) and stored.key() in str(e.value)
+    model = IdentityModel()
+    model.audio_info = stored
+    lib.set_model(model)  # the same features: accepted
+    lib.close()

@@ -330,8 +330,8 @@ class Library(VectorSpaceMixin, QueryMixin):
             model, model_dir = self._resolve_model(model, self.device)
         if model is not None and not _same_tower(model.audio_info, self.stored_tower_info):
             raise ModelError(
-                f"the model was trained on {model.audio_info.name} features but this library "
-                f"holds {self.stored_tower_info.name} features",
+                f"the model was trained on {model.audio_info.name} features ({model.audio_info.key()}) but "
+                f"this library holds {self.stored_tower_info.name} features ({self.stored_tower_info.key()})",
                 path=model_dir,
                 fix="index into a new --db with this model's audio encoder",
             )
