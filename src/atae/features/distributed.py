@@ -101,8 +101,9 @@ class _Encode:
             seq[i], times[i] = np.asarray(enc.seq, np.float32), np.asarray(enc.times, np.float64)
             if enc.tags is not None:
                 tags[i] = np.asarray(enc.tags, np.float32)
-        return _write_part({"key": batch["key"], "path": batch["path"], "ident": batch["ident"], "seq": seq,
-                            "times": times, "tags": tags, "error": error}, self.work)
+        results = {"key": batch["key"], "path": batch["path"], "ident": batch["ident"], "seq": seq,
+                   "times": times, "tags": tags, "error": error}
+        return _write_part(results, self.work)
 
 
 def _write_part(batch: dict, work: str) -> dict:

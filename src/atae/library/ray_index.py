@@ -39,13 +39,13 @@ class _EncodeFiles:
         from atae.library.indexer import encode_one
 
         out = [encode_one(self.lib, str(p)) for p in batch["path"]]
-        return _write_part({
-                "path": batch["path"], "size": batch["size"], "mtime_ns": batch["mtime_ns"],
-                "result": [json.dumps(_pack_meta(r)) for r in out],
-                "raw": [np.concatenate([s.raw for s in r[3]]) if r[3] else np.zeros((0, 0), np.float32)
-                        for r in out],
-                "tags": [np.stack([s.tags for s in r[3]]) if r[3] and r[3][0].tags is not None
-                         else np.zeros((0, 0), np.float32) for r in out]}, self.work)
+        results = {"path": batch["path"], "size": batch["size"], "mtime_ns": batch["mtime_ns"],
+                   "result": [json.dumps(_pack_meta(r)) for r in out],
+                   "raw": [np.concatenate([s.raw for s in r[3]]) if r[3] else np.zeros((0, 0), np.float32)
+                           for r in out],
+                   "tags": [np.stack([s.tags for s in r[3]]) if r[3] and r[3][0].tags is not None
+                            else np.zeros((0, 0), np.float32) for r in out]}
+        return _write_part(results, self.work)
 
 
 def _pack_meta(r) -> dict:
