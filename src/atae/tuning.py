@@ -42,10 +42,10 @@ def mean_ap_at_k(scores: np.ndarray, relevant: Sequence, k: int = 10) -> float:
     return float(per_query_multi(scores, sets, k=k, k_list=())[f"mAP@{k}"].mean())
 
 
-def temperature_curve(cos: np.ndarray, relevant: Sequence, clip_tags,
+def temperature_curve(cos: np.ndarray, relevant: Sequence, feats: np.ndarray,
                       grid: Sequence[float] = br.TEMPERATURE_GRID, k: int = 10) -> list[tuple[float, float]]:
-    """[(temperature, bridge mAP@k)] over ``grid`` from (Q, 527) query-label cosines (one text pass)."""
-    feats = br.tag_features(clip_tags)
+    """[(temperature, bridge mAP@k)] over ``grid`` from (Q, 527) query-label cosines (one text pass) and
+    the clips' ``bridge.tag_features``."""
     return [(float(t), mean_ap_at_k(br.softmax_rows(cos, t) @ feats.T, relevant, k)) for t in grid]
 
 
@@ -112,12 +112,13 @@ def tune_on_dataset(dataset, audio_table, text_tower, *, model=None, text_table=
     tags = tb.clip_tags([audio_table.tags(c) for c in cands])
     cos = tb.cosines(texts)
     grid = br.TEMPERATURE_GRID if temperature else (br.bridge_temperature(model),)
-    t_curve = temperature_curve(cos, rel, tags, grid, k=k)  # cos is reused below
+    feats = br.tag_features(tags)
+    t_curve = temperature_curve(cos, rel, feats, grid, k=k)  # cos and feats are reused below
     temp = max(t_curve, key=lambda tm: tm[1])[0]
     out = {br.EXTRA_BRIDGE_TEMPERATURE: temp, "temperature_curve": t_curve,
            "n_queries": len(texts), "n_clips": len(cands)}
     if scorer == "hybrid":
-        bridge_scores = br.softmax_rows(cos, temp) @ br.tag_features(tags).T
+        bridge_scores = br.softmax_rows(cos, temp) @ feats.T
         if seqs is None:
             seqs = encode_texts(text_tower, texts)
         text_vectors = model.encode_text(seqs)

@@ -129,8 +129,7 @@ class HybridScorer(BridgeScorer):
         q = library.query_vector(text=text)
         weight = scoring.Fusion.of(model).weights(q[None])[0]
         st = library.search_state()
-        if st.index is None and len(st):  # the bridge reads tags alone; the model's side needs the vectors
-            library.readable_index()
+        library.readable_index()  # the bridge reads tags alone; the model's side needs the vectors
         return st, q, tb.distribution(sentences)[0], weight
 
     def score(self, library, text: str):
